@@ -1,0 +1,23 @@
+"""deltaedit: sequential knowledge editing of causal language models (DeltaEdit, AlphaEdit, ...)."""
+
+from .editor import AppliedEdit, Editor, EditResult
+from .methods import METHODS, AlphaEditConfig, DeltaEditConfig, MethodConfig
+from .models import ModelLoadError, ModelStructureError, find_parts, load_model
+from .requests import EditRequest, RequestError
+
+__version__ = "0.1.0"
+__all__ = [
+    "Editor",
+    "EditResult",
+    "AppliedEdit",
+    "EditRequest",
+    "RequestError",
+    "load_model",
+    "find_parts",
+    "ModelLoadError",
+    "ModelStructureError",
+    "METHODS",
+    "MethodConfig",
+    "AlphaEditConfig",
+    "DeltaEditConfig",
+]

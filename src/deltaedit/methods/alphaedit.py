@@ -1,0 +1,94 @@
+"""AlphaEdit: updates projected onto the null space of the preserved keys' second moment.
+
+``P0`` projects onto the eigenvectors of ``C0 = E[k k^T]`` whose eigenvalues are below a threshold, so
+``Delta k ~ 0`` for keys the model already uses. Per layer, with the keys of all earlier edits summed in
+``Kp Kp^T``:  ``Delta = R (M^-1 P0 K)^T`` with ``M = P0 (Kp Kp^T + K K^T) + l2 I``.
+For one request that is ``alpha beta^T`` with ``alpha = R`` and ``beta = M^-1 P0 k``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .base import Decision, EditMethod, LayerUpdate, MethodConfig
+
+
+@dataclass
+class AlphaEditConfig(MethodConfig):
+    """nullspace_threshold: eigenvalues of C0 below it span the preserved null space.
+    nullspace_mode: "absolute" compares eigenvalues with the threshold as is (AlphaEdit's 2e-2);
+        "relative" compares them with threshold x the largest eigenvalue, for models whose key scale
+        differs from GPT-2's.
+    """
+
+    nullspace_threshold: float = 2e-2
+    nullspace_mode: str = "absolute"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.nullspace_mode not in ("absolute", "relative"):
+            raise ValueError("nullspace_mode: use 'absolute' or 'relative'")
+
+
+def nullspace_projector(second_moment: torch.Tensor, threshold: float, mode: str) -> torch.Tensor:
+    """Projector on the eigenvectors of a symmetric PSD matrix with eigenvalues below the threshold."""
+    values, vectors = torch.linalg.eigh(second_moment.double())
+    cut = threshold * values.max() if mode == "relative" else threshold
+    small = vectors[:, values < cut]
+    return (small @ small.T).float()
+
+
+class AlphaEdit(EditMethod):
+    name = "alphaedit"
+    config_class = AlphaEditConfig
+    needs_stats = True
+
+    def __init__(self, config: AlphaEditConfig):
+        super().__init__(config)
+        self.projectors: dict[int, torch.Tensor] = {}
+        self.key_moments: dict[int, torch.Tensor] = {}  # Kp Kp^T per layer
+        self.projected_moments: dict[int, torch.Tensor] = {}  # P0 Kp Kp^T, kept to avoid a d_ff^3 product
+
+    def setup(self, second_moments, devices, d_model) -> None:
+        for layer, moment in second_moments.items():
+            device = devices[layer]
+            self.projectors[layer] = nullspace_projector(
+                moment, self.config.nullspace_threshold, self.config.nullspace_mode
+            ).to(device)
+            d_ff = moment.shape[0]
+            self.key_moments.setdefault(layer, torch.zeros(d_ff, d_ff, device=device))
+            self.projected_moments[layer] = self.projectors[layer] @ self.key_moments[layer]
+
+    def preserved_dims(self, layer: int) -> int:
+        """How many key directions the null space leaves free to edit."""
+        return int(round(torch.trace(self.projectors[layer]).item()))
+
+    def solve(self, layer, keys, residuals):
+        projector = self.projectors[layer]
+        projected_keys = projector @ keys
+        system = self.projected_moments[layer] + projected_keys @ keys.T
+        system.diagonal().add_(self.config.l2)
+        right = torch.linalg.solve(system, projected_keys)
+        return residuals, right
+
+    def commit(self, updates: dict[int, LayerUpdate], decision: Decision) -> None:
+        for layer, update in updates.items():
+            self.key_moments[layer] += update.keys @ update.keys.T
+            self.projected_moments[layer] += (self.projectors[layer] @ update.keys) @ update.keys.T
+
+    def revert(self, updates: dict[int, LayerUpdate]) -> None:
+        for layer, update in updates.items():
+            self.key_moments[layer] -= update.keys @ update.keys.T
+            self.projected_moments[layer] = self.projectors[layer] @ self.key_moments[layer]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"key_moments.{layer}": m for layer, m in self.key_moments.items()}
+
+    def load_state_dict(self, state) -> None:
+        for name, value in state.items():
+            if name.startswith("key_moments."):
+                layer = int(name.split(".")[1])
+                self.key_moments[layer] = value.to(self.key_moments[layer].device)
+                self.projected_moments[layer] = self.projectors[layer] @ self.key_moments[layer]

