@@ -87,8 +87,9 @@ def _load(args):
     started = time.perf_counter()
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
     log.info("loaded %s in %.1f s on %s", args.model, time.perf_counter() - started, model.device)
-    editor = Editor(model, tokenizer, method=args.method, config=_overrides(args), data_dir=args.data,
-                    progress=not args.quiet)
+    editor = Editor(
+        model, tokenizer, method=args.method, config=_overrides(args), data_dir=args.data, progress=not args.quiet
+    )
     return editor
 
 
@@ -101,8 +102,9 @@ def cmd_config(args) -> int:
 def _show_top(editor, prompt: str, k: int) -> str:
     from .predict import top_tokens
 
-    return "  ".join(f"{tok!r} {p:.3f}" for tok, p in top_tokens(editor.model, editor.parts, editor.tokenizer,
-                                                              prompt, k))
+    return "  ".join(
+        f"{tok!r} {p:.3f}" for tok, p in top_tokens(editor.model, editor.parts, editor.tokenizer, prompt, k)
+    )
 
 
 def cmd_edit(args) -> int:
@@ -116,8 +118,10 @@ def cmd_edit(args) -> int:
     editor.prepare()
     result = editor.edit(request)[0]
     print(f"after:  {_show_top(editor, request.text, args.top)}")
-    print(f"{args.method}: {result.steps} steps, P(target)={result.target_prob:.3f}, "
-          f"{'triggered' if result.triggered else 'no'} orthogonal constraint, {result.seconds:.1f} s")
+    print(
+        f"{args.method}: {result.steps} steps, P(target)={result.target_prob:.3f}, "
+        f"{'triggered' if result.triggered else 'no'} orthogonal constraint, {result.seconds:.1f} s"
+    )
     return 0 if result.success else 1
 
 
@@ -142,8 +146,7 @@ def cmd_demo(args) -> int:
         return greedy_continuation(model, parts, tok, prompt, 3).strip().split("\n")[0]
 
     before = [say(r.text) for r in requests]
-    controls_before = score_answers(model, parts, tok, [c["prompt"] for c in controls],
-                                    [c["answer"] for c in controls])
+    controls_before = score_answers(model, parts, tok, [c["prompt"] for c in controls], [c["answer"] for c in controls])
     started = time.perf_counter()
     editor.prepare()
     stats_seconds = time.perf_counter() - started
@@ -153,22 +156,25 @@ def cmd_demo(args) -> int:
     edit_seconds = time.perf_counter() - started - stats_seconds
 
     final = score_answers(model, parts, tok, [r.text for r in requests], [r.target_new for r in requests])
-    controls_after = score_answers(model, parts, tok, [c["prompt"] for c in controls],
-                                   [c["answer"] for c in controls])
+    controls_after = score_answers(model, parts, tok, [c["prompt"] for c in controls], [c["answer"] for c in controls])
     width = max(len(r.text) for r in requests)
     print(f"\n{'prompt':<{width}}  {'before':<22} {'after':<22} target      ok")
     for request, old, score in zip(requests, before, final, strict=True):
-        print(f"{request.text:<{width}}  {old[:22]:<22} {say(request.text)[:22]:<22} "
-              f"{request.target_new[:11]:<11} {'yes' if score.greedy else 'NO'}")
+        print(
+            f"{request.text:<{width}}  {old[:22]:<22} {say(request.text)[:22]:<22} "
+            f"{request.target_new[:11]:<11} {'yes' if score.greedy else 'NO'}"
+        )
     hits = sum(s.greedy for s in final)
     kept = sum(a.greedy == b.greedy for a, b in zip(controls_before, controls_after, strict=True) if b.greedy)
     known = sum(b.greedy for b in controls_before)
     triggered = sum(r.triggered for r in results)
     print(f"\nedits that are the greedy prediction after all {len(requests)} edits: {hits}/{len(requests)}")
     print(f"control prompts that kept their answer: {kept}/{known}")
-    print(f"method {args.method}: orthogonal constraint triggered on {triggered} edits; "
-          f"statistics {stats_seconds:.0f} s, editing {edit_seconds:.0f} s "
-          f"({edit_seconds / max(len(requests), 1):.1f} s per edit)")
+    print(
+        f"method {args.method}: orthogonal constraint triggered on {triggered} edits; "
+        f"statistics {stats_seconds:.0f} s, editing {edit_seconds:.0f} s "
+        f"({edit_seconds / max(len(requests), 1):.1f} s per edit)"
+    )
     ok = hits >= 0.9 * len(requests) and kept >= 0.9 * known
     return 0 if ok else 1
 

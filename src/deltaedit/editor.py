@@ -176,8 +176,9 @@ class Editor:
         from .tokens import encode
 
         limit = context_length(self.model)
+        prefixes = tuple(self.contexts) if limit is not None else ("",)
         for request in requests:
-            check_tokenization(request, self.tokenizer, limit)
+            check_tokenization(request, self.tokenizer, limit, prefixes)
             encode(self.tokenizer, request.prompt, request.subject)
 
     def edit(self, requests: EditRequest | Iterable[EditRequest | dict], batch_size: int = 1) -> list[EditResult]:

@@ -86,7 +86,12 @@ def out_weight(module: nn.Module) -> torch.Tensor:
 
 def find_parts(model: nn.Module) -> ModelParts:
     """Locate blocks, MLP output projections, final norm and unembedding of a causal LM."""
-    config = model.config
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(model, "get_input_embeddings"):
+        raise ModelStructureError(
+            f"{type(model).__name__} is not a Hugging Face causal LM (no `config` or input embeddings); "
+            "load it with transformers' AutoModelForCausalLM"
+        )
     n_layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
     lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
     if n_layers is not None:
@@ -236,7 +241,7 @@ def load_model(
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    except OSError as error:
+    except (OSError, ValueError) as error:
         raise ModelLoadError(
             f"could not load {name_or_path!r}: {error}. If this is a Hugging Face id, the hub may be "
             "unreachable: download the model elsewhere and pass its local directory, or use the "

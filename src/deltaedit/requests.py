@@ -113,8 +113,13 @@ def target_text(request: EditRequest) -> str:
     return " " + target
 
 
-def check_tokenization(request: EditRequest, tokenizer, max_length: int | None) -> None:
-    """Checks that need the model's tokenizer: a non-empty target and a prompt that fits the context."""
+def check_tokenization(
+    request: EditRequest, tokenizer, max_length: int | None, prefixes: tuple[str, ...] = ("",)
+) -> None:
+    """Checks that need the model's tokenizer: a non-empty target and a prompt that fits the context.
+
+    ``prefixes`` are the context texts an edit prepends; the longest of them must still fit.
+    """
     target_ids = tokenizer(target_text(request), add_special_tokens=False)["input_ids"]
     if len(target_ids) == 0:
         raise RequestError("target_new", f"{request.target_new!r} tokenizes to nothing; use visible text")
@@ -122,13 +127,13 @@ def check_tokenization(request: EditRequest, tokenizer, max_length: int | None) 
     if unk is not None and unk in target_ids and tokenizer.unk_token not in request.target_new:
         raise RequestError("target_new", f"{request.target_new!r} contains characters the tokenizer cannot represent")
     if max_length is not None:
-        prompt_ids = tokenizer(request.text, add_special_tokens=False)["input_ids"]
-        total = len(prompt_ids) + len(target_ids)
+        # counted the way the model is fed: with special tokens, behind the longest context prefix
+        total = max(len(tokenizer(prefix + request.text)["input_ids"]) for prefix in prefixes) + len(target_ids)
         if total > max_length:
             raise RequestError(
                 "prompt",
-                f"prompt plus target is {total} tokens, longer than the model's context of {max_length}; "
-                "shorten the prompt",
+                f"prompt plus target is {total} tokens (with the longest context prefix), longer than the "
+                f"model's context of {max_length}; shorten the prompt",
             )
 
 

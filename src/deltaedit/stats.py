@@ -29,8 +29,12 @@ log = logging.getLogger(__name__)
 GENERATION_STARTS = ("The", "In", "A", "It", "When", "There", "This", "He", "She", "We")
 
 
-def stats_key(fingerprint: str, layer: int, corpus: Corpus, n_samples: int, max_length: int, dtype) -> str:
-    fields = [fingerprint, layer, corpus.identity, n_samples, max_length, str(dtype)]
+def stats_key(
+    fingerprint: str, layer: int, corpus: Corpus, n_samples: int, max_length: int, dtype, seed: int = 0
+) -> str:
+    # generated text depends on the seed; a file corpus is read in a fixed order whatever the seed
+    identity = f"{corpus.identity}:seed={seed}" if corpus.generated else corpus.identity
+    fields = [fingerprint, layer, identity, n_samples, max_length, str(dtype)]
     return hashlib.sha256(json.dumps(fields).encode()).hexdigest()[:20]
 
 
@@ -53,7 +57,8 @@ def second_moments(
     store.mkdir(parents=True, exist_ok=True)
     dtype = next(model.parameters()).dtype
     paths = {
-        i: store / f"{stats_key(fingerprint, i, corpus, n_samples, max_length, dtype)}.safetensors" for i in layers
+        i: store / f"{stats_key(fingerprint, i, corpus, n_samples, max_length, dtype, seed)}.safetensors"
+        for i in layers
     }
     with FileLock(str(store / f"{fingerprint}.lock")):
         missing = [i for i in layers if not _readable(paths[i])]

@@ -1,0 +1,383 @@
+"""Editing methods without a model: AlphaEdit's null-space solve, DeltaEdit's dynamic threshold and orthogonal
+projector (DESIGN.md §2.4 and §4), the registry and the config dataclasses."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from deltaedit.methods import (
+    METHODS,
+    AlphaEdit,
+    AlphaEditConfig,
+    Decision,
+    DeltaEdit,
+    DeltaEditConfig,
+    LayerUpdate,
+    MethodConfig,
+    method_class,
+)
+from deltaedit.methods.alphaedit import nullspace_projector
+from deltaedit.methods.deltaedit import ThresholdTracker
+
+CPU = torch.device("cpu")
+
+
+def low_rank_moment(d_ff: int, rank: int, seed: int, n: int = 400) -> tuple[torch.Tensor, torch.Tensor]:
+    """C0 = E[k k^T] of keys that all lie in a ``rank``-dim subspace, and an orthonormal basis of it."""
+    g = torch.Generator().manual_seed(seed)
+    basis, _ = torch.linalg.qr(torch.randn(d_ff, rank, generator=g, dtype=torch.float64))
+    keys = basis @ (torch.randn(rank, n, generator=g, dtype=torch.float64) * 2.0)
+    return (keys @ keys.T / n).float(), basis.float()
+
+
+def rand(*shape: int, seed: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+# --- AlphaEdit -------------------------------------------------------------------------------------
+
+
+def test_nullspace_projector_is_the_orthogonal_complement_of_the_key_space():
+    moment, basis = low_rank_moment(24, 6, seed=0)
+    p0 = nullspace_projector(moment, 2e-2, "absolute")
+    assert torch.allclose(p0, p0.T, atol=1e-6)
+    assert torch.allclose(p0 @ p0, p0, atol=1e-5)
+    assert round(torch.trace(p0).item()) == 24 - 6
+    assert (p0 @ basis).norm() < 1e-5  # preserved directions are removed
+    free = torch.eye(24) - basis @ basis.T
+    assert torch.allclose(p0, free, atol=1e-5)
+
+
+def test_nullspace_threshold_modes():
+    # eigenvalues 10, 1, 0.1, 0.001 on the axes
+    moment = torch.diag(torch.tensor([10.0, 1.0, 0.1, 0.001]))
+    absolute = nullspace_projector(moment, 0.5, "absolute")
+    assert torch.allclose(absolute, torch.diag(torch.tensor([0.0, 0.0, 1.0, 1.0])))
+    relative = nullspace_projector(moment, 0.5, "relative")  # cut at 0.5 * 10 = 5
+    assert torch.allclose(relative, torch.diag(torch.tensor([0.0, 1.0, 1.0, 1.0])))
+
+
+def make_alphaedit(moment: torch.Tensor, layer: int = 3, **options) -> AlphaEdit:
+    method = AlphaEdit(AlphaEditConfig(layers=(layer,), **options))
+    method.setup({layer: moment}, {layer: CPU}, d_model=8)
+    return method
+
+
+def test_alphaedit_update_leaves_preserved_keys_alone():
+    """Delta = left @ right.T satisfies Delta k ~ 0 for every k in the span of the keys behind C0."""
+    d_ff, d_model = 32, 8
+    moment, basis = low_rank_moment(d_ff, 10, seed=1)
+    method = make_alphaedit(moment)
+    assert method.preserved_dims(3) == d_ff - 10
+    keys = rand(d_ff, 3, seed=2)  # generic new keys: they overlap the preserved space
+    residuals = rand(d_model, 3, seed=3)
+    left, right = method.solve(3, keys, residuals)
+    delta = left @ right.T
+    assert delta.shape == (d_model, d_ff)
+    preserved = basis @ rand(10, 50, seed=4)  # keys of the preserved space
+    ratio = (delta @ preserved).norm(dim=0) / (delta.norm() * preserved.norm(dim=0))
+    assert ratio.max() < 1e-5
+    # ... while the same update does act on the new keys
+    assert (delta @ keys).norm() > 0.1 * residuals.norm()
+
+
+def test_alphaedit_solve_matches_the_design_formula_and_commit_accumulates_kp():
+    """Delta = R K^T P0 (Kp Kp^T P0 + K K^T P0 + l2 I)^-1 (DESIGN §2.4), then Kp Kp^T += K K^T."""
+    d_ff, d_model, l2 = 20, 6, 0.7
+    moment, _ = low_rank_moment(d_ff, 5, seed=5)
+    method = make_alphaedit(moment, l2=l2)
+    p0 = method.projectors[3].double()
+
+    def expected(keys, residuals, kp):
+        k, r = keys.double(), residuals.double()
+        system = kp @ p0 + k @ k.T @ p0 + l2 * torch.eye(d_ff, dtype=torch.float64)
+        return r @ k.T @ p0 @ torch.linalg.inv(system)
+
+    k1, r1 = rand(d_ff, 2, seed=6), rand(d_model, 2, seed=7)
+    left, right = method.solve(3, k1, r1)
+    assert torch.allclose((left @ right.T).double(), expected(k1, r1, torch.zeros(d_ff, d_ff).double()), atol=1e-5)
+
+    method.commit({3: LayerUpdate(left, right, k1)}, Decision())
+    assert torch.allclose(method.key_moments[3], k1 @ k1.T, atol=1e-6)
+
+    k2, r2 = rand(d_ff, 1, seed=8), rand(d_model, 1, seed=9)
+    left2, right2 = method.solve(3, k2, r2)
+    want = expected(k2, r2, (k1 @ k1.T).double())
+    assert torch.allclose((left2 @ right2.T).double(), want, atol=1e-5)
+    # A single request is a rank-one update alpha beta^T with alpha the residual
+    assert left2.shape == (d_model, 1) and right2.shape == (d_ff, 1)
+    assert torch.equal(left2, r2)
+
+    method.revert({3: LayerUpdate(left, right, k1)})
+    assert method.key_moments[3].abs().max() < 1e-5
+
+
+def test_alphaedit_reaches_a_key_inside_the_null_space():
+    """For k in the null space and no earlier edits, Delta k = R |k|^2 / (|k|^2 + l2)."""
+    d_ff, d_model, l2 = 16, 4, 0.5
+    moment, basis = low_rank_moment(d_ff, 4, seed=10)
+    method = make_alphaedit(moment, l2=l2)
+    k = rand(d_ff, 1, seed=11)
+    k = k - basis @ (basis.T @ k)
+    r = rand(d_model, 1, seed=12)
+    left, right = method.solve(3, k, r)
+    got = left @ (right.T @ k)
+    norm2 = float(k.pow(2).sum())
+    assert torch.allclose(got, r * norm2 / (norm2 + l2), atol=1e-5)
+
+
+def test_alphaedit_state_dict_round_trip():
+    moment, _ = low_rank_moment(12, 3, seed=13)
+    first = make_alphaedit(moment)
+    keys = rand(12, 2, seed=14)
+    first.commit({3: LayerUpdate(rand(8, 2, seed=15), rand(12, 2, seed=16), keys)}, Decision())
+    second = make_alphaedit(moment)
+    second.load_state_dict(first.state_dict())
+    assert torch.equal(second.key_moments[3], first.key_moments[3])
+    assert torch.allclose(second.projected_moments[3], first.projected_moments[3], atol=1e-6)
+
+
+# --- DeltaEdit: the dynamic threshold ---------------------------------------------------------------
+
+
+def test_threshold_tracker_follows_algorithm_1_by_hand():
+    """eta 2, delta 0.9, warm-up 3; m and v start at 0 and follow
+    m <- d m + (1-d) s;  v <- d v + (1-d) (s - m_new)^2;  t = m + eta sqrt(v)  (DESIGN §4, paper eq. 22-24)."""
+    tracker = ThresholdTracker(DeltaEditConfig(layers=(0,), eta=2.0, ema_delta=0.9, warmup=3))
+    assert (tracker.mean, tracker.var, tracker.threshold) == (0.0, 0.0, 0.0)
+
+    # Warm-up: even huge scores never trigger, and they all move the statistics.
+    assert tracker.decide(1000.0) == (False, 0.0)
+    assert (tracker.mean, tracker.var, tracker.seen) == (0.0, 0.0, 0)  # decide() changes nothing
+
+    tracker.record(1.0, False)  # m = 0.1, v = 0.1 * 0.9^2 = 0.081
+    assert tracker.mean == pytest.approx(0.1) and tracker.var == pytest.approx(0.081)
+    assert tracker.threshold == pytest.approx(0.1 + 2 * math.sqrt(0.081))
+
+    tracker.record(2.0, False)  # m = 0.09 + 0.2 = 0.29, v = 0.0729 + 0.1 * 1.71^2 = 0.36531
+    assert tracker.mean == pytest.approx(0.29) and tracker.var == pytest.approx(0.36531)
+
+    assert tracker.decide(50.0)[0] is False  # second edit: still warming up
+    tracker.record(3.0, False)  # m = 0.261 + 0.3 = 0.561, v = 0.328779 + 0.1 * 2.439^2 = 0.9236511
+    assert tracker.mean == pytest.approx(0.561) and tracker.var == pytest.approx(0.9236511)
+    threshold = 0.561 + 2 * math.sqrt(0.9236511)  # = 2.4831...
+
+    # Warm-up over (3 edits seen): the 4th edit triggers exactly when its score exceeds the threshold.
+    assert tracker.decide(2.48)[0] is False
+    triggered, used = tracker.decide(2.49)
+    assert triggered is True and used == pytest.approx(threshold)
+    assert tracker.seen == 3 and tracker.mean == pytest.approx(0.561)  # decide() still changed nothing
+
+    tracker.record(10.0, True)  # a triggering edit counts as seen but leaves m and v alone
+    assert tracker.seen == 4 and tracker.updates == 3
+    assert tracker.mean == pytest.approx(0.561) and tracker.var == pytest.approx(0.9236511)
+
+    tracker.record(1.0, False)  # m = 0.5049 + 0.1 = 0.6049, v = 0.83128599 + 0.1 * 0.3951^2
+    assert tracker.mean == pytest.approx(0.6049)
+    assert tracker.var == pytest.approx(0.83128599 + 0.1 * 0.3951**2)
+
+
+def test_threshold_is_strict_at_equality():
+    tracker = ThresholdTracker(DeltaEditConfig(layers=(0,), eta=2.0, warmup=0))
+    tracker.mean, tracker.var = 1.0, 0.25  # t = 1 + 2 * 0.5 = 2 exactly
+    assert tracker.decide(2.0) == (False, 2.0)
+    assert tracker.decide(2.0000001)[0] is True
+
+
+def test_threshold_tracker_research_code_ema_start():
+    tracker = ThresholdTracker(DeltaEditConfig(layers=(0,), ema_init="first", ema_delta=0.5))
+    tracker.record(4.0, False)  # starts at the first value, variance 0
+    assert (tracker.mean, tracker.var) == (4.0, 0.0)
+    tracker.record(2.0, False)  # m = 2 + 1 = 3, v = 0 + 0.5 * (2 - 3)^2 = 0.5
+    assert (tracker.mean, tracker.var) == (3.0, 0.5)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    scores=st.lists(st.floats(min_value=0.0, max_value=1e6, allow_nan=False), min_size=1, max_size=30),
+    eta=st.floats(min_value=0.0, max_value=5.0),
+    delta=st.floats(min_value=0.0, max_value=1.0),
+    warmup=st.integers(min_value=0, max_value=6),
+)
+def test_threshold_tracker_matches_a_reference_recursion(scores, eta, delta, warmup):
+    tracker = ThresholdTracker(DeltaEditConfig(layers=(0,), eta=eta, ema_delta=delta, warmup=warmup))
+    m = v = 0.0
+    for e, s in enumerate(scores):
+        want = e >= warmup and s > m + eta * math.sqrt(v)
+        triggered, threshold = tracker.decide(s)
+        assert triggered == want
+        assert threshold == pytest.approx(m + eta * math.sqrt(v), rel=1e-9, abs=1e-9)
+        if not triggered:
+            m = delta * m + (1 - delta) * s
+            v = delta * v + (1 - delta) * (s - m) ** 2
+        tracker.record(s, triggered)
+    assert tracker.seen == len(scores)
+    assert tracker.mean == pytest.approx(m, rel=1e-9, abs=1e-9)
+    state = tracker.state()
+    copy = ThresholdTracker(tracker.config)
+    copy.load(state)
+    assert (copy.mean, copy.var, copy.seen, copy.updates) == (tracker.mean, tracker.var, tracker.seen, tracker.updates)
+
+
+# --- DeltaEdit: the orthogonal constraint -----------------------------------------------------------
+
+
+def make_deltaedit(d_model: int = 12, d_ff: int = 20, **options) -> DeltaEdit:
+    config = DeltaEditConfig(layers=(0, 1), **options)
+    method = DeltaEdit(config)
+    moments = {0: low_rank_moment(d_ff, 4, seed=20)[0], 1: low_rank_moment(d_ff, 4, seed=21)[0]}
+    method.setup(moments, {0: CPU, 1: CPU}, d_model)
+    return method
+
+
+def commit_rank_one(method: DeltaEdit, seed: int, decision: Decision) -> LayerUpdate:
+    d_model, d_ff = method.history.shape
+    keys = rand(d_ff, 1, seed=seed + 1000)
+    critical = LayerUpdate(rand(d_model, 1, seed=seed), rand(d_ff, 1, seed=seed + 500), keys)
+    lower = LayerUpdate(rand(d_model, 1, seed=seed + 7), rand(d_ff, 1, seed=seed + 8), keys)
+    method.commit({0: lower, 1: critical}, decision)
+    return critical
+
+
+def test_deltaedit_triggers_after_warmup_and_projects_out_the_history():
+    method = make_deltaedit(eta=1.0, warmup=3)
+    assert torch.equal(method.history, torch.zeros(12, 20))
+    critical_updates = []
+    for e in range(3):
+        key = rand(20, 1, seed=300 + e)
+        projector, decision = method.influence_projector(key)
+        want_score = float((method.history @ key).pow(2).sum())
+        assert decision.score == pytest.approx(want_score, rel=1e-5)
+        assert projector is None and decision.triggered is False and decision.rank == 0  # warm-up
+        critical_updates.append(commit_rank_one(method, seed=e, decision=decision))
+
+    hist = sum(u.left @ u.right.T for u in critical_updates)
+    assert torch.allclose(method.history, hist, atol=1e-5)  # Delta_hist = sum of critical-layer updates
+    assert method.tracker.seen == 3
+
+    # A key the history responds to strongly: s_e far above m + eta sqrt(v).
+    key = critical_updates[0].right * 100
+    projector, decision = method.influence_projector(key)
+    assert decision.triggered is True and decision.score > decision.threshold
+    assert decision.rank == 3  # three rank-one updates, all kept (3 <= 3/4 * 12)
+    assert projector.shape == (12, 12)
+    assert (projector @ hist).norm() < 1e-4 * hist.norm()
+    assert torch.allclose(projector, projector.T, atol=1e-6)
+    assert torch.allclose(projector @ projector, projector, atol=1e-5)
+    assert round(torch.trace(projector).item()) == 12 - 3
+    # What the projector keeps is untouched: a vector orthogonal to the history's columns passes through.
+    u, _, _ = torch.linalg.svd(hist)
+    free = u[:, 5]
+    assert torch.allclose(projector @ free, free, atol=1e-5)
+    # deciding did not move the statistics; committing a triggered edit moves only `seen`
+    mean, var = method.tracker.mean, method.tracker.var
+    commit_rank_one(method, seed=9, decision=decision)
+    assert (method.tracker.mean, method.tracker.var, method.tracker.seen) == (mean, var, 4)
+
+
+def test_deltaedit_caps_the_removed_directions_to_the_largest():
+    method = make_deltaedit(d_model=8, eta=0.0, warmup=0, cap_fraction=0.25)  # cap = floor(8/4) = 2 directions
+    rows, _ = torch.linalg.qr(rand(20, 5, seed=40))  # orthonormal right factors
+    scales = torch.tensor([1.0, 5.0, 3.0, 0.5, 2.0])
+    left = torch.zeros(8, 5)
+    left[torch.arange(5), torch.arange(5)] = scales
+    method.history = left @ rows.T  # column space: axes 0..4, singular values 1, 5, 3, 0.5, 2
+    projector, decision = method.influence_projector(rand(20, 1, seed=77))
+    assert decision.triggered and decision.rank == 2
+    # only the two largest directions (axes 1 and 2) are removed
+    assert torch.allclose(projector, torch.diag(torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0])), atol=1e-5)
+
+
+def test_deltaedit_lowrank_projection_option():
+    method = make_deltaedit(d_model=16, eta=0.0, warmup=0, projection="lowrank")
+    big = rand(16, 1, seed=50)
+    big = big / big.norm()
+    method.history += 10 * big @ rand(1, 20, seed=51)
+    projector, decision = method.influence_projector(rand(20, 1, seed=52))
+    assert decision.triggered and 1 <= decision.rank <= 16 // 4
+    assert (projector @ big).norm() < 1e-3
+
+
+def test_deltaedit_norm_threshold_option_compares_the_plain_norm():
+    method = make_deltaedit(threshold_on="norm", warmup=0)
+    method.history += rand(12, 20, seed=60)
+    key = rand(20, 1, seed=61)
+    _, decision = method.influence_projector(key)
+    assert decision.score == pytest.approx(float((method.history @ key).norm()), rel=1e-5)
+
+
+def test_deltaedit_state_dict_and_revert():
+    method = make_deltaedit(warmup=0)
+    d = Decision(score=2.0, threshold=0.0, triggered=False)
+    first = commit_rank_one(method, seed=70, decision=d)
+    second = commit_rank_one(method, seed=71, decision=Decision(score=3.0, threshold=0.0, triggered=False))
+    copy = make_deltaedit(warmup=0)
+    copy.load_state_dict(method.state_dict())
+    assert torch.equal(copy.history, method.history)
+    assert (copy.tracker.mean, copy.tracker.var, copy.tracker.seen) == (
+        method.tracker.mean,
+        method.tracker.var,
+        method.tracker.seen,
+    )
+    method.revert({0: second, 1: second})
+    assert torch.allclose(method.history, first.left @ first.right.T, atol=1e-5)
+
+
+# --- registry and configs ---------------------------------------------------------------------------
+
+
+def test_registry():
+    assert {"alphaedit", "deltaedit"} <= set(METHODS)
+    assert method_class("alphaedit") is AlphaEdit
+    assert method_class("DeltaEdit") is DeltaEdit
+    assert DeltaEdit.config_class is DeltaEditConfig and AlphaEdit.needs_stats
+    with pytest.raises(ValueError, match="nope") as info:
+        method_class("nope")
+    assert "alphaedit" in str(info.value) and "deltaedit" in str(info.value)
+
+
+def test_config_unknown_option_names_the_field():
+    with pytest.raises(ValueError, match="^etta: not an option of DeltaEditConfig"):
+        DeltaEditConfig.from_dict({"layers": [1, 2], "etta": 1.0})
+    with pytest.raises(ValueError, match="eta"):  # the message lists the real options
+        AlphaEditConfig.from_dict({"eta": 1.0})
+
+
+@pytest.mark.parametrize(
+    ("options", "field"),
+    [
+        ({"layers": []}, "layers"),
+        ({"layers": [3, 2]}, "layers"),
+        ({"layers": [2, 2]}, "layers"),
+        ({"steps": -1}, "steps"),
+        ({"stop_prob": 0.0}, "stop_prob"),
+        ({"threshold_on": "cube"}, "threshold_on"),
+        ({"ema_init": "one"}, "ema_init"),
+        ({"projection": "qr"}, "projection"),
+        ({"ema_delta": 1.5}, "ema_delta"),
+        ({"cap_fraction": 0.0}, "cap_fraction"),
+        ({"nullspace_mode": "both"}, "nullspace_mode"),
+    ],
+)
+def test_config_validation_names_the_field(options, field):
+    with pytest.raises(ValueError, match=f"^{field}:"):
+        DeltaEditConfig.from_dict(options)
+
+
+def test_config_round_trip_and_fingerprint():
+    config = DeltaEditConfig(layers=[1, 2, 4], eta=1.5, projection="lowrank", stats_corpus="x.txt")
+    assert config.layers == (1, 2, 4) and config.critical_layer == 4
+    data = config.to_dict()
+    assert data["layers"] == [1, 2, 4] and data["eta"] == 1.5
+    again = DeltaEditConfig.from_dict(data)
+    assert again == config
+    assert again.fingerprint() == config.fingerprint()
+    assert config.replace(eta=2.0).fingerprint() != config.fingerprint()
+    settings_ = config.target_settings()
+    assert (settings_.steps, settings_.lr, settings_.clamp_norm_factor) == (config.steps, config.lr, 4.0)
+    assert isinstance(config, MethodConfig)
