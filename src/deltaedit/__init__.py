@@ -1,9 +1,10 @@
 """deltaedit: sequential knowledge editing of causal language models (DeltaEdit, AlphaEdit, ...)."""
 
 from .editor import AppliedEdit, Editor, EditResult
+from .ledger import BaseModelMismatchError, Ledger, LedgerEntry, LedgerError, apply_edits
 from .methods import METHODS, AlphaEditConfig, DeltaEditConfig, MethodConfig
 from .models import ModelLoadError, ModelStructureError, find_parts, load_model
-from .requests import EditRequest, RequestError
+from .requests import EditError, EditFailure, EditRequest, RequestError
 
 __version__ = "0.1.0"
 __all__ = [
@@ -12,6 +13,13 @@ __all__ = [
     "AppliedEdit",
     "EditRequest",
     "RequestError",
+    "EditError",
+    "EditFailure",
+    "Ledger",
+    "LedgerEntry",
+    "LedgerError",
+    "BaseModelMismatchError",
+    "apply_edits",
     "load_model",
     "find_parts",
     "ModelLoadError",

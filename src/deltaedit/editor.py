@@ -10,26 +10,47 @@ One edit (a request or a small batch) runs the locate-then-edit loop:
 5. commit the edit into the method's running state and the history.
 
 Steps 2-4 run against a snapshot of the edited weights: any exception restores them, so an edit lands
-on all its layers or on none.
+on all its layers or on none. With a ledger (``Editor(..., ledger=dir)``) the edit is committed when its
+ledger line is durable; if writing it fails, the weights and the method's state are rolled back.
+
+The method's running state is a function of the recorded events (edits, undos, restores): replaying them
+in order rebuilds it bit for bit. That is how a failed ledger write is rolled back, how ``Editor.resume``
+continues a run and how ``from_edits`` / ``load_edits`` reload saved edits. ``undo`` recomputes each
+edited layer as W0 + the remaining updates (summed in float32, in order), never by subtracting.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import shutil
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from .corpus import generated_texts, resolve_corpus
 from .defaults import default_config
+from .ledger import (
+    Ledger,
+    LedgerEntry,
+    LedgerError,
+    check_base_model,
+    edit_record,
+    edit_tensors,
+    read_edits_file,
+    since_restore,
+    write_edits_file,
+)
 from .methods import EditMethod, LayerUpdate, MethodConfig, method_class
 from .methods.base import Decision
 from .models import find_parts, fingerprint, out_weight
 from .predict import score_answers
-from .requests import EditRequest, RequestError, check_tokenization
+from .requests import EditError, EditFailure, EditRequest, RequestError, check_tokenization
 from .stats import second_moments
 from .target import optimize_target, read_keys
 
@@ -67,23 +88,42 @@ class AppliedEdit:
     created: float = field(default_factory=time.time)
 
 
-def _as_requests(requests: EditRequest | Iterable[EditRequest | dict]) -> list[EditRequest]:
-    if isinstance(requests, EditRequest | dict):
+def _is_record(item: Any) -> bool:
+    return isinstance(getattr(item, "request", None), EditRequest)  # an EditRecord from deltaedit.data
+
+
+def _as_items(requests: Any) -> list[Any]:
+    if isinstance(requests, EditRequest | dict) or _is_record(requests):
         requests = [requests]
-    out = []
-    for item in requests:
-        out.append(item if isinstance(item, EditRequest) else EditRequest.from_dict(dict(item)))
-    if not out:
+    items = list(requests)
+    if not items:
         raise RequestError("requests", "is empty; give at least one EditRequest")
-    return out
+    return items
+
+
+def _to_request(item: Any) -> EditRequest:
+    """An EditRequest from a request, an EditRecord or a dict of request fields (RequestError if it is none)."""
+    if isinstance(item, EditRequest):
+        return item
+    if _is_record(item):
+        return item.request
+    if isinstance(item, dict):
+        return EditRequest.from_dict(dict(item))
+    raise RequestError("requests", f"holds a {type(item).__name__}; give EditRequests, EditRecords or dicts")
+
+
+def _dense(update: LayerUpdate, device: torch.device) -> torch.Tensor:
+    """Delta = left right^T on ``device``: the one expression every weight write uses, so replays match."""
+    return update.left.to(device) @ update.right.to(device).T
 
 
 class Editor:
     """Sequentially edit ``model`` with one method.
 
     >>> model, tokenizer = load_model("smollm2-135m")
-    >>> editor = Editor(model, tokenizer, method="deltaedit")
+    >>> editor = Editor(model, tokenizer, method="deltaedit", ledger="runs/first")
     >>> editor.edit(EditRequest("The capital of {} is", "France", "Rome"))
+    >>> editor.undo(0)  # or undo_to(edit_id); Editor.resume("runs/first", model, tokenizer) continues a run
     """
 
     def __init__(
@@ -95,6 +135,7 @@ class Editor:
         data_dir: str | None = None,
         progress: bool = True,
         stats_store=None,
+        ledger: str | os.PathLike | Ledger | None = None,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -116,9 +157,16 @@ class Editor:
         self.base_fingerprint = fingerprint(model)
         self.original_weights = {i: out_weight(self.parts.out_projs[i]).detach().clone() for i in self.config.layers}
         self.applied: list[AppliedEdit] = []
+        self.rejected: list[EditError] = []  # what edit() refused or failed on, oldest first
+        # Since the last restore: ("edit", AppliedEdit) and ("undo", [AppliedEdit, ...]) in order. The method's
+        # running state is a function of these, which is how it is rolled back and rebuilt exactly.
+        self._events: list[tuple[str, Any]] = []
         self._next_id = 0
         self._contexts: list[str] | None = None
         self._ready = False
+        self.ledger: Ledger | None = None
+        if ledger is not None:
+            self._attach(ledger if isinstance(ledger, Ledger) else Ledger(ledger))
 
     # ------------------------------------------------------------------ setup
     @property
@@ -170,48 +218,124 @@ class Editor:
         self.method.setup(moments, devices, self.parts.d_model)
         self._ready = True
 
+    def manifest(self) -> dict[str, Any]:
+        """What a ledger or edits file records about this run, to continue it only on the same terms."""
+        from . import __version__
+
+        weight = out_weight(self.parts.out_projs[self.config.layers[0]])
+        return {
+            "method": self.method.name,
+            "config": self.config.to_dict(),
+            "config_fingerprint": self.config.fingerprint(),
+            "base_fingerprint": self.base_fingerprint,
+            "model_name": str(getattr(self.model, "name_or_path", "") or ""),
+            "model_type": getattr(self.model.config, "model_type", None),
+            "dtype": str(weight.dtype).removeprefix("torch."),
+            "d_model": self.parts.d_model,
+            "d_ff": self.parts.d_ff,
+            "deltaedit_version": __version__,
+            "created": time.time(),
+        }
+
     # ------------------------------------------------------------------ editing
     def validate(self, requests: Sequence[EditRequest]) -> None:
+        """Raise RequestError (with ``.request`` set) for the first request this model cannot take."""
         from .models import context_length
         from .tokens import encode
 
         limit = context_length(self.model)
         prefixes = tuple(self.contexts) if limit is not None else ("",)
         for request in requests:
-            check_tokenization(request, self.tokenizer, limit, prefixes)
-            encode(self.tokenizer, request.prompt, request.subject)
+            try:
+                check_tokenization(request, self.tokenizer, limit, prefixes)
+                encode(self.tokenizer, request.prompt, request.subject)
+            except RequestError as err:
+                if err.request is None:
+                    err.request = request
+                raise
 
-    def edit(self, requests: EditRequest | Iterable[EditRequest | dict], batch_size: int = 1) -> list[EditResult]:
-        """Apply requests in order, ``batch_size`` at a time; all are validated before any is applied."""
-        requests = _as_requests(requests)
-        self.validate(requests)
+    def edit(
+        self,
+        requests: EditRequest | Iterable[EditRequest | dict],
+        batch_size: int = 1,
+        on_error: str = "stop",
+    ) -> list[EditResult]:
+        """Apply requests (EditRequests, EditRecords or dicts) in order, ``batch_size`` at a time.
+
+        A request that cannot be applied changes nothing and is written to the ledger as rejected: bad input
+        raises RequestError, a numerical fault EditFailure. ``on_error="stop"`` raises it; as every request
+        is validated before any is applied, bad input stops the call before its first edit, while a
+        numerical fault stops it after the edits before it. ``"skip"`` goes on with the next request; the
+        errors are in ``self.rejected``. Returns the results of the edits that landed.
+        """
+        if on_error not in ("stop", "skip"):
+            raise ValueError(f"on_error: use 'stop' or 'skip', not {on_error!r}")
+        if batch_size < 1:
+            raise ValueError("batch_size: must be >= 1")
+        valid: list[tuple[EditRequest, Any]] = []
+        for item in _as_items(requests):
+            try:
+                request = _to_request(item)
+                self.validate([request])
+            except RequestError as err:
+                if err.request is None:
+                    err.request = item
+                self._reject(err, item)
+                if on_error == "stop":
+                    raise
+                continue
+            valid.append((request, item))
         results = []
-        for begin in range(0, len(requests), batch_size):
-            results.append(self._edit_batch(requests[begin : begin + batch_size]))
+        for begin in range(0, len(valid), batch_size):
+            chunk = valid[begin : begin + batch_size]
+            try:
+                results.append(self._edit_batch([request for request, _ in chunk]))
+            except EditFailure as err:
+                self._reject(err, [item for _, item in chunk])
+                if on_error == "stop":
+                    raise
         return results
+
+    def _reject(self, error: EditError, item: Any) -> None:
+        self.rejected.append(error)
+        log.warning("edit rejected: %s", error)
+        if self.ledger is not None:
+            self.ledger.reject(item, error.reason, error.field, error=type(error).__name__)
 
     def _edit_batch(self, requests: list[EditRequest]) -> EditResult:
         self.prepare()
         started = time.perf_counter()
         config, parts = self.config, self.parts
         layers, critical = config.layers, config.critical_layer
+        culprit = requests[0] if len(requests) == 1 else tuple(requests)
         snapshot = {i: out_weight(parts.out_projs[i]).detach().clone() for i in layers}
+        state_touched = False
         try:
             keys, _ = read_keys(self.model, parts, self.tokenizer, requests, self.contexts, [critical])
-            projector, decision = self.method.influence_projector(keys[critical])
+            try:
+                projector, decision = self.method.influence_projector(keys[critical])
+            except torch.linalg.LinAlgError as err:
+                raise EditFailure(
+                    f"the target vector's constraint could not be built ({err})", culprit, "target"
+                ) from err
             deltas, z_init, steps = [], [], 0
             for request in requests:
-                found = optimize_target(
-                    self.model,
-                    parts,
-                    self.tokenizer,
-                    request,
-                    self.contexts,
-                    critical,
-                    config.target_settings(),
-                    projector,
-                    getattr(config, "project_moments", False),
-                )
+                try:
+                    found = optimize_target(
+                        self.model,
+                        parts,
+                        self.tokenizer,
+                        request,
+                        self.contexts,
+                        critical,
+                        config.target_settings(),
+                        projector,
+                        getattr(config, "project_moments", False),
+                    )
+                except FloatingPointError as err:
+                    raise EditFailure(str(err), request, "target") from err
+                if not (torch.isfinite(found.delta).all() and torch.isfinite(found.z_init).all()):
+                    raise EditFailure(f"the target vector for {request.subject!r} is not finite", request, "target")
                 deltas.append(found.delta)
                 z_init.append(found.z_init)
                 steps = max(steps, found.steps)
@@ -223,21 +347,39 @@ class Editor:
                 )
                 weight = out_weight(parts.out_projs[layer])
                 residual = (z_star.to(weight.device) - z_now.to(weight.device)) / (len(layers) - position)
-                left, right = self.method.solve(layer, layer_keys[layer].to(weight.device), residual)
+                try:
+                    left, right = self.method.solve(layer, layer_keys[layer].to(weight.device), residual)
+                except torch.linalg.LinAlgError as err:
+                    raise EditFailure(f"the solve at layer {layer} is singular ({err})", culprit, "update") from err
                 if not (torch.isfinite(left).all() and torch.isfinite(right).all()):
-                    raise FloatingPointError(f"the update at layer {layer} is not finite")
-                updates[layer] = LayerUpdate(left, right, layer_keys[layer].to(weight.device))
+                    raise EditFailure(f"the update at layer {layer} is not finite", culprit, "update")
+                # contiguous factors: a replay from the stored copies then multiplies exactly the same layout
+                update = LayerUpdate(left.contiguous(), right.contiguous(), layer_keys[layer].to(weight.device))
+                dense = _dense(update, weight.device).to(weight.dtype)
+                if not torch.isfinite(dense).all():
+                    raise EditFailure(f"the update at layer {layer} overflows {weight.dtype}", culprit, "update")
+                updates[layer] = update
                 with torch.no_grad():
-                    weight.add_((left @ right.T).to(weight.dtype))
-            result = self._finish(requests, updates, decision, steps, started)
+                    weight.add_(dense)
+            applied = self._measure(requests, updates, decision, steps, started)
+            state_touched = True
+            self.method.commit(updates, decision)
+            if self.ledger is not None:
+                self.ledger.append(applied)  # the commit point
         except BaseException:
             with torch.no_grad():
                 for i, saved in snapshot.items():
                     out_weight(parts.out_projs[i]).copy_(saved)
+            if state_touched:
+                self._rebuild_state()
             raise
-        return result
+        self.applied.append(applied)
+        self._events.append(("edit", applied))
+        self._next_id += 1
+        return applied.result
 
-    def _finish(self, requests, updates, decision, steps, started) -> EditResult:
+    def _measure(self, requests, updates, decision, steps, started) -> AppliedEdit:
+        """The edit as it landed: its result (scored with the new weights) and what diagnostics need."""
         critical = self.config.critical_layer
         scores = score_answers(
             self.model,
@@ -248,7 +390,6 @@ class Editor:
         )
         critical_key = updates[critical].keys
         response = updates[critical].left @ (updates[critical].right.T @ critical_key)
-        self.method.commit(updates, decision)
         result = EditResult(
             edit_id=self._next_id,
             requests=tuple(requests),
@@ -261,19 +402,70 @@ class Editor:
             rank=decision.rank,
             seconds=time.perf_counter() - started,
         )
-        self.applied.append(
-            AppliedEdit(
-                self._next_id,
-                tuple(requests),
-                updates,
-                decision,
-                critical_key,
-                float((response**2).sum()),
-                result,
-            )
+        return AppliedEdit(
+            self._next_id, tuple(requests), updates, decision, critical_key, float((response**2).sum()), result
         )
-        self._next_id += 1
-        return result
+
+    # ------------------------------------------------------------------ undo
+    def undo(self, edit_id: int) -> None:
+        """Take one edit back out of the model and the method's sums; the edits after it stay as they are.
+
+        Each edited layer becomes W0 + the remaining updates, summed in float32 in the order they were made
+        and cast to the model's dtype (never a subtraction, so no rounding residue builds up). DeltaEdit's
+        threshold statistics keep the edit: they are a running statistic of the stream the method saw.
+        """
+        self._undo([self._applied_edit(edit_id)], "undo")
+
+    def undo_to(self, edit_id: int | None) -> list[int]:
+        """Roll back to the point just after ``edit_id`` (``None``: before the first edit) by undoing every
+        applied edit made after it, in one step. Returns the ids undone, newest last."""
+        if edit_id is not None and not -1 <= edit_id < self._next_id:
+            raise ValueError(f"edit_id: no edit {edit_id} was made (ids run from 0 to {self._next_id - 1})")
+        targets = [a for a in self.applied if edit_id is None or a.edit_id > edit_id]
+        if targets:
+            self._undo(targets, "undo_to")
+        return [a.edit_id for a in targets]
+
+    def _applied_edit(self, edit_id: int) -> AppliedEdit:
+        for applied in self.applied:
+            if applied.edit_id == edit_id:
+                return applied
+        live = [a.edit_id for a in self.applied]
+        raise ValueError(
+            f"edit_id: edit {edit_id} is not applied (applied now: {live[:20]}{' ...' if len(live) > 20 else ''})"
+        )
+
+    def _undo(self, targets: list[AppliedEdit], how: str) -> None:
+        gone = {a.edit_id for a in targets}
+        weights = self._weights_of([a for a in self.applied if a.edit_id not in gone])  # before anything changes
+        if self.ledger is not None:
+            self.ledger.record_undo([a.edit_id for a in targets], how)  # the commit point
+        self._take_back(targets, weights)
+        self._events.append(("undo", targets))
+
+    def _weights_of(self, edits: Sequence[AppliedEdit]) -> dict[int, torch.Tensor]:
+        """Each edited layer as W0 + the updates of ``edits`` summed in float32 in order, in the model's dtype.
+
+        For a float32 model this is bit for bit the weight the edits left when applied one after another."""
+        out = {}
+        for layer, base in self.original_weights.items():
+            total = base.float().clone()
+            for applied in edits:
+                if layer in applied.updates:
+                    total += _dense(applied.updates[layer], total.device)
+            out[layer] = total.to(base.dtype)
+        return out
+
+    def _take_back(self, targets: list[AppliedEdit], weights: dict[int, torch.Tensor] | None = None) -> None:
+        gone = {a.edit_id for a in targets}
+        remaining = [a for a in self.applied if a.edit_id not in gone]
+        weights = weights if weights is not None else self._weights_of(remaining)
+        with torch.no_grad():
+            for layer, value in weights.items():
+                out_weight(self.parts.out_projs[layer]).copy_(value)
+        for applied in reversed(targets):
+            self.method.revert(applied.updates)
+        self.applied[:] = remaining
 
     # ------------------------------------------------------------------ state
     def weight_delta(self, layer: int) -> torch.Tensor:
@@ -282,9 +474,258 @@ class Editor:
 
     def restore(self) -> None:
         """Put the original weights back and forget every edit and all running state."""
+        if self.ledger is not None:
+            self.ledger.record_restore()
+        self._reset_to_base()
+        self.method = type(self.method)(self.config)
+        self._ready = False
+
+    def _reset_to_base(self) -> None:
         with torch.no_grad():
             for i, saved in self.original_weights.items():
                 out_weight(self.parts.out_projs[i]).copy_(saved)
         self.applied.clear()
-        self.method = type(self.method)(self.config)
-        self._ready = False
+        self._events.clear()
+        self.method.reset()
+
+    def _rebuild_state(self) -> None:
+        """The method's running state from the events alone: the same commits and reverts, in order, from the
+        state ``setup`` left, hence bit for bit what it was after the last event."""
+        self.method.reset()
+        for kind, payload in self._events:
+            if kind == "edit":
+                self.method.commit(payload.updates, payload.decision)
+            else:
+                for applied in reversed(payload):
+                    self.method.revert(applied.updates)
+
+    # ------------------------------------------------------------------ ledger, resume, export
+    def _attach(self, ledger: Ledger) -> None:
+        manifest = ledger.manifest()
+        if manifest is None:
+            if ledger.entries():
+                raise LedgerError("has entries but no manifest.json; it cannot be continued", ledger.path)
+            ledger.write_manifest(self.manifest())
+        else:
+            self._check_manifest(manifest, ledger.manifest_path)
+            count = len(ledger.entries())
+            if count:
+                raise LedgerError(
+                    f"already records a run ({count} entries): continue it with Editor.resume(path, model, "
+                    "tokenizer), or give a new directory",
+                    ledger.path,
+                )
+        self.ledger = ledger
+
+    def _check_manifest(self, manifest: dict[str, Any], source) -> None:
+        if (
+            manifest.get("method") != self.method.name
+            or manifest.get("config_fingerprint") != self.config.fingerprint()
+        ):
+            raise LedgerError(
+                f"records method {manifest.get('method')!r} with config {manifest.get('config_fingerprint')}, but this "
+                f"editor runs {self.method.name!r} with config {self.config.fingerprint()}; use Editor.resume / "
+                "Editor.from_edits, which take both from the file",
+                source,
+            )
+        check_base_model(manifest, self.base_fingerprint, source)
+
+    @staticmethod
+    def _settings_from(manifest: dict[str, Any]) -> dict[str, Any]:
+        method_cls = method_class(manifest["method"])
+        return {"method": method_cls.name, "config": method_cls.config_class.from_dict(manifest["config"])}
+
+    @classmethod
+    def resume(cls, path: str | os.PathLike | Ledger, model, tokenizer, **kwargs: Any) -> Editor:
+        """Continue the run recorded in ledger directory ``path``, on ``model``: its unedited base model.
+
+        Method and config come from the manifest; ``kwargs`` go to ``Editor`` (data_dir, progress,
+        stats_store). The recorded events since the last restore (edits and undos) are replayed in order:
+        the same weight additions, commits and reverts, so weights, running state and the next edit ids are
+        bit for bit those of the run that wrote the ledger, and editing on gives the results an
+        uninterrupted run would have given. The ledger stays attached and new events are appended to it.
+        Raises BaseModelMismatchError (model untouched) for another base model, LedgerError for a damaged ledger.
+        """
+        ledger = path if isinstance(path, Ledger) else Ledger(path, create=False)
+        manifest = ledger.manifest()
+        if manifest is None:
+            raise LedgerError("has no manifest.json: not a deltaedit run directory", ledger.path)
+        editor = cls(model, tokenizer, **cls._settings_from(manifest), **kwargs)
+        editor._resume_from(ledger)
+        return editor
+
+    def _resume_from(self, ledger: Ledger) -> None:
+        manifest = ledger.manifest()
+        if manifest is None:
+            raise LedgerError("has no manifest.json: not a deltaedit run directory", ledger.path)
+        if self.ledger is not None:
+            raise LedgerError("this editor already writes a ledger; resume with a new Editor", ledger.path)
+        self._check_manifest(manifest, ledger.manifest_path)
+        self._replay(ledger.entries(), ledger.path)
+        self.ledger = ledger
+
+    def save_edits(self, path: str | os.PathLike) -> Path:
+        """Save the edits alone (per layer the factors left, right and the keys: a few KB each) to one
+        safetensors file, with the base model's fingerprint, method and config.
+
+        It holds the history since the last restore, undone edits and their undo included, because the
+        running state depends on it; ``Editor.from_edits`` / ``load_edits`` replay it exactly and
+        ``apply_edits`` writes the edits in force into a bare model."""
+        manifest = {**self.manifest(), "next_edit_id": self._next_id}
+        events = []
+        for kind, payload in self._events:
+            if kind == "edit":
+                events.append(({"kind": "edit", **edit_record(payload, manifest)}, edit_tensors(payload)))
+            else:
+                events.append(({"kind": "undo", "edit_ids": [a.edit_id for a in payload]}, {}))
+        return write_edits_file(path, manifest, events)
+
+    @classmethod
+    def from_edits(cls, path: str | os.PathLike, model, tokenizer, **kwargs: Any) -> Editor:
+        """An editor on ``model`` (the unedited base) holding the edits saved by ``save_edits``, with the method
+        and config they were made with and their running state, ready to edit on. ``kwargs`` go to Editor
+        (a ``ledger=`` records the loaded edits in a new run directory)."""
+        manifest, entries = read_edits_file(path)
+        editor = cls(model, tokenizer, **cls._settings_from(manifest), **kwargs)
+        editor._load(manifest, entries, path)
+        return editor
+
+    def load_edits(self, path: str | os.PathLike) -> list[int]:
+        """Replay the edits saved by ``save_edits`` onto this editor, which must have made none: weights and
+        running state become those of the saving editor. The base fingerprint (BaseModelMismatchError),
+        method, config and every tensor are checked first, so a mismatch or a corrupt file changes nothing.
+        Returns the ids of the edits in force."""
+        manifest, entries = read_edits_file(path)
+        self._load(manifest, entries, path)
+        return [a.edit_id for a in self.applied]
+
+    def _load(self, manifest: dict[str, Any], entries: list[LedgerEntry], source) -> None:
+        self._check_manifest(manifest, source)
+        self._replay(entries, source, record=self.ledger is not None)
+        self._next_id = max(self._next_id, int(manifest.get("next_edit_id", 0)))
+
+    def _replay(self, entries: Sequence[LedgerEntry], source, record: bool = False) -> None:
+        """Re-run recorded events on the base weights. Every tensor is read and checked before the model is
+        touched; if anything fails midway the editor goes back to the base model. With ``record`` the events
+        are also appended to this editor's ledger, which then always matches the model."""
+        if self.applied or self._events:
+            raise LedgerError("recorded edits can only be replayed onto an editor that has made none", source)
+        events = self._events_from(since_restore(entries), source)
+        ids = [e.edit_id for e in entries if e.kind == "edit"]
+        _ = self.contexts  # generated from the base weights, as in the recorded run
+        self.prepare()
+        try:
+            self._run(events)
+        except BaseException:
+            self._reset_to_base()
+            raise
+        self._next_id = max(self._next_id, max(ids, default=-1) + 1)
+        if not record:
+            return
+        for done, (kind, payload) in enumerate(events):
+            try:
+                if kind == "edit":
+                    self.ledger.append(payload)
+                else:
+                    self.ledger.record_undo([a.edit_id for a in payload], "undo")
+            except BaseException:
+                self._reset_to_base()  # back to what the ledger holds: the events before this one
+                self._run(events[:done])
+                raise
+
+    def _events_from(self, entries: Sequence[LedgerEntry], source) -> list[tuple[str, Any]]:
+        events: list[tuple[str, Any]] = []
+        made: dict[int, AppliedEdit] = {}
+        for entry in entries:
+            if entry.kind == "edit":
+                made[entry.edit_id] = self._applied_from(entry, source)
+                events.append(("edit", made[entry.edit_id]))
+            else:
+                missing = [i for i in entry.edit_ids if i not in made]
+                if missing:
+                    raise LedgerError(
+                        f"entry {entry.seq} undoes edit {missing[0]}, which was not made before it", source
+                    )
+                events.append(("undo", [made[i] for i in entry.edit_ids]))
+        return events
+
+    def _applied_from(self, entry: LedgerEntry, source) -> AppliedEdit:
+        data = entry.data
+        if list(data["layers"]) != list(self.config.layers):
+            raise LedgerError(
+                f"edit {entry.edit_id} changed layers {data['layers']}, not {list(self.config.layers)}", source
+            )
+        tensors = entry.tensors()
+        updates = {}
+        for layer in self.config.layers:
+            device = self.parts.out_projs[layer].weight.device
+            left, right, keys = (tensors[f"layer.{layer}.{name}"].to(device) for name in ("left", "right", "keys"))
+            if left.shape[0] != self.parts.d_model or right.shape[0] != self.parts.d_ff:
+                raise LedgerError(
+                    f"edit {entry.edit_id} has factors of shape {tuple(left.shape)}, {tuple(right.shape)}", source
+                )
+            updates[layer] = LayerUpdate(left, right, keys)
+        decision = entry.decision()
+        requests = entry.requests()
+        recorded = data["result"]
+        result = EditResult(
+            edit_id=entry.edit_id,
+            requests=requests,
+            steps=recorded["steps"],
+            target_prob=recorded["target_prob"],
+            success=recorded["success"],
+            score=decision.score,
+            threshold=decision.threshold,
+            triggered=decision.triggered,
+            rank=decision.rank,
+            seconds=recorded["seconds"],
+        )
+        critical = updates[self.config.critical_layer]
+        return AppliedEdit(
+            entry.edit_id, requests, updates, decision, critical.keys, data["self_response"], result, data["created"]
+        )
+
+    def _run(self, events: Sequence[tuple[str, Any]]) -> None:
+        """Apply recorded events in memory, by the very operations the live edits and undos performed."""
+        for kind, payload in events:
+            if kind == "edit":
+                with torch.no_grad():
+                    for layer, update in payload.updates.items():
+                        weight = out_weight(self.parts.out_projs[layer])
+                        weight.add_(_dense(update, weight.device).to(weight.dtype))
+                self.method.commit(payload.updates, payload.decision)
+                self.applied.append(payload)
+            else:
+                self._take_back(payload)
+            self._events.append((kind, payload))
+
+    def save_pretrained(self, directory: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Save the edited model and its tokenizer as an ordinary Hugging Face directory, which plain
+        ``AutoModelForCausalLM.from_pretrained`` loads. ``deltaedit.json`` beside them names the base model,
+        method, config and the edits in force. Written under a temporary name and renamed into place."""
+        target = Path(directory).expanduser()
+        if target.exists() and not overwrite and (not target.is_dir() or any(target.iterdir())):
+            raise FileExistsError(f"{target}: exists and is not empty; pass overwrite=True to replace it")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = target.with_name(f".{target.name}.partial-{os.getpid()}")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        try:
+            self.model.save_pretrained(staging)
+            self.tokenizer.save_pretrained(staging)
+            info = {
+                **self.manifest(),
+                "edits": [{"edit_id": a.edit_id, "requests": [r.to_dict() for r in a.requests]} for a in self.applied],
+            }
+            (staging / "deltaedit.json").write_text(json.dumps(info, indent=2, default=repr) + "\n")
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+            os.replace(staging, target)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return target
+
+    export_model = save_pretrained

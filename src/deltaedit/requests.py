@@ -14,12 +14,33 @@ from typing import Any
 PLACEHOLDER = "{}"
 
 
-class RequestError(ValueError):
+class EditError(Exception):
+    """An edit that was refused or failed; the model and the method's state are as they were before it.
+
+    ``reason`` says what went wrong, ``request`` is the request (the raw item when it never became one, a
+    tuple of requests when a whole batch failed, ``None`` when unknown) and ``field`` names the culprit: a
+    request field for :class:`RequestError`, the failed quantity (``"target"``: the target vector,
+    ``"update"``: a layer's solve or update) for :class:`EditFailure`.
+    """
+
+    def __init__(self, reason: str, request: Any = None, field: str | None = None):
+        super().__init__(f"{field}: {reason}" if field is not None else reason)
+        self.reason = reason
+        self.request = request
+        self.field = field
+
+
+class RequestError(EditError, ValueError):
     """A request that cannot be applied; ``field`` names the culprit, the message says the fix."""
 
-    def __init__(self, field_name: str, message: str):
-        super().__init__(f"{field_name}: {message}")
-        self.field = field_name
+    def __init__(self, field_name: str, message: str, request: Any = None):
+        super().__init__(message, request, field_name)
+
+
+class EditFailure(EditError, FloatingPointError):
+    """A numerical fault while computing an edit (the target vector or a layer update is not finite, or a
+    solve is singular); the edit was rolled back. Not the request's fault in form, but this request cannot
+    be written with these settings."""
 
 
 @dataclass(frozen=True)
@@ -49,14 +70,21 @@ class EditRequest:
             raise RequestError("target_new", "is empty; give the new answer, e.g. 'Rome'")
         if self.target_true is not None and not isinstance(self.target_true, str):
             raise RequestError("target_true", "must be a string or None")
+        for name in ("prompt", "subject", "target_new", "target_true"):
+            _check_encodable(name, getattr(self, name))
         object.__setattr__(self, "prompt", _to_template(self.prompt, self.subject))
         for name in ("paraphrase_prompts", "neighborhood_prompts"):
             value = getattr(self, name)
             if isinstance(value, str):
                 value = (value,)
-            value = tuple(value)
+            try:
+                value = tuple(value)
+            except TypeError:
+                raise RequestError(name, "must be a list of non-empty strings") from None
             if not all(isinstance(p, str) and p.strip() for p in value):
                 raise RequestError(name, "must be a list of non-empty strings")
+            for text in value:
+                _check_encodable(name, text)
             object.__setattr__(self, name, value)
         if self.case_id is not None:
             object.__setattr__(self, "case_id", str(self.case_id))
@@ -82,6 +110,16 @@ class EditRequest:
             if required not in data:
                 raise RequestError(required, "is missing")
         return cls(**data)
+
+
+def _check_encodable(name: str, text: str | None) -> None:
+    """Tokenizers take UTF-8: a lone surrogate (from broken decoding upstream) would crash them later."""
+    if text is None:
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise RequestError(name, f"is not valid Unicode text ({err.reason} at position {err.start})") from None
 
 
 def _to_template(prompt: str, subject: str) -> str:
@@ -137,4 +175,12 @@ def check_tokenization(
             )
 
 
-__all__ = ["EditRequest", "RequestError", "check_tokenization", "target_text", "PLACEHOLDER"]
+__all__ = [
+    "EditError",
+    "EditFailure",
+    "EditRequest",
+    "RequestError",
+    "check_tokenization",
+    "target_text",
+    "PLACEHOLDER",
+]

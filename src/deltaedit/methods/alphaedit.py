@@ -79,9 +79,15 @@ class AlphaEdit(EditMethod):
             self.projected_moments[layer] += (self.projectors[layer] @ update.keys) @ update.keys.T
 
     def revert(self, updates: dict[int, LayerUpdate]) -> None:
+        # the mirror of commit: O(d_ff^2) per edit, where recomputing P0 Kp Kp^T would be O(d_ff^3)
         for layer, update in updates.items():
             self.key_moments[layer] -= update.keys @ update.keys.T
-            self.projected_moments[layer] = self.projectors[layer] @ self.key_moments[layer]
+            self.projected_moments[layer] -= (self.projectors[layer] @ update.keys) @ update.keys.T
+
+    def reset(self) -> None:
+        for layer, moment in self.key_moments.items():
+            self.key_moments[layer] = torch.zeros_like(moment)  # new tensors: a state_dict handed out stays intact
+            self.projected_moments[layer] = self.projectors[layer] @ self.key_moments[layer]  # as setup computes it
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {f"key_moments.{layer}": m for layer, m in self.key_moments.items()}

@@ -139,7 +139,19 @@ class EditMethod:
         """Fold a finished edit into the running state."""
 
     def revert(self, updates: dict[int, LayerUpdate]) -> None:
-        """Take a committed edit back out of the running state (for undo)."""
+        """Take a committed edit back out of the running state (for undo).
+
+        Sums over edits (Kp Kp^T, Delta_hist) lose the edit's term; statistics of the stream of edits
+        (DeltaEdit's threshold EMA) keep it: they describe what the method saw, and later decisions were
+        made with it.
+        """
+
+    def reset(self) -> None:
+        """Forget every committed edit, keeping what :meth:`setup` built from the key statistics.
+
+        Afterwards the state equals, bit for bit, the state right after ``setup``, so replaying the same
+        commits and reverts rebuilds it exactly (how the Editor rolls back and resumes).
+        """
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {}

@@ -153,8 +153,16 @@ class DeltaEdit(AlphaEdit):
         self.history += updates[critical].dense().to(self.history.device)
 
     def revert(self, updates: dict[int, LayerUpdate]) -> None:
+        """Delta_hist and Kp Kp^T lose the edit; the threshold tracker does not (see EditMethod.revert): an
+        EMA cannot un-see a value once later values were folded in on top of it."""
         super().revert(updates)
         self.history -= updates[self.config.critical_layer].dense().to(self.history.device)
+
+    def reset(self) -> None:
+        super().reset()
+        self.tracker = ThresholdTracker(self.config)
+        if self.history is not None:
+            self.history = torch.zeros_like(self.history)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         state = super().state_dict()

@@ -1,0 +1,592 @@
+"""The edit ledger: an append-only, crash-safe record of a run, and the compact edits file.
+
+A run directory holds
+
+    manifest.json           what is edited and how: method, config, base-model fingerprint, version
+    index.jsonl             one JSON line per event (edit, undo, restore, rejected), in order
+    edits/<edit_id>.safetensors   one edit's factors, keys and k_e (float32)
+
+The index line is the commit point. An edit's tensor file is written to a temporary name, fsynced and
+renamed (and its directory fsynced) before its line is appended and fsynced, so a process killed at any
+moment leaves a ledger whose every indexed entry is complete. A torn last line (no newline) is an
+append that never returned: readers ignore it and the next writer cuts it off. Tensor files are checked
+against the sha256 in their line when read. ``docs/ledger.md`` specifies the format.
+
+The edits file (:func:`write_edits_file`) holds the same events and tensors in one safetensors file, to
+share the edits of a run without its model. The :class:`~deltaedit.editor.Editor` does the editing side:
+``Editor(..., ledger=dir)``, ``Editor.resume(dir, model, tokenizer)``, ``save_edits`` / ``from_edits``;
+:func:`apply_edits` writes the edits of a file into a bare model without an Editor.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors.torch import load as load_bytes
+from safetensors.torch import save as save_bytes
+
+from .methods.base import Decision, LayerUpdate
+from .models import find_parts, fingerprint, out_weight
+from .requests import EditRequest
+
+if TYPE_CHECKING:
+    from .editor import AppliedEdit
+
+log = logging.getLogger(__name__)
+
+FORMAT = "deltaedit-ledger"
+EDITS_FORMAT = "deltaedit-edits"
+FORMAT_VERSION = 1
+KINDS = ("edit", "undo", "restore", "rejected")
+
+
+class LedgerError(RuntimeError):
+    """A ledger or edits file that cannot be used (missing, corrupt, or made for another run/method/config).
+
+    The message names the file; ``path`` holds it.
+    """
+
+    def __init__(self, message: str, path: str | os.PathLike | None = None):
+        super().__init__(f"{path}: {message}" if path is not None else message)
+        self.path = None if path is None else str(path)
+
+
+class BaseModelMismatchError(LedgerError):
+    """Edits recorded on another base model: the model's weight fingerprint is not the one they were made on.
+    Raised before anything is written, so the model is left as it was."""
+
+
+# ---------------------------------------------------------------------------------------------- entries
+
+
+@dataclass
+class LedgerEntry:
+    """One event as recorded: ``data`` is its index line (or edits-file event); tensors load on demand."""
+
+    seq: int
+    kind: str
+    data: dict[str, Any]
+    _loader: Callable[[], dict[str, torch.Tensor]] | None = field(default=None, repr=False)
+
+    @property
+    def edit_id(self) -> int | None:
+        return self.data.get("edit_id")
+
+    @property
+    def edit_ids(self) -> list[int]:
+        """The edits an undo took back."""
+        return list(self.data.get("edit_ids", []))
+
+    @property
+    def time(self) -> float:
+        return float(self.data.get("time", 0.0))
+
+    def requests(self) -> tuple[EditRequest, ...]:
+        """The edit's requests (for rejected entries the raw items are in ``data["requests"]``)."""
+        return tuple(EditRequest.from_dict(r) for r in self.data["requests"])
+
+    def decision(self) -> Decision:
+        return Decision(**self.data["decision"])
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The edit's tensors, read now and checked against the recorded checksum."""
+        if self._loader is None:
+            raise LedgerError(f"entry {self.seq} ({self.kind}) has no tensors")
+        return self._loader()
+
+    def updates(self) -> dict[int, LayerUpdate]:
+        """Per edited layer ``LayerUpdate(left, right, keys)``, on the CPU."""
+        tensors = self.tensors()
+        return {
+            layer: LayerUpdate(
+                tensors[f"layer.{layer}.left"], tensors[f"layer.{layer}.right"], tensors[f"layer.{layer}.keys"]
+            )
+            for layer in self.data["layers"]
+        }
+
+    def critical_key(self) -> torch.Tensor:
+        """k_e at the critical layer (d_ff x n)."""
+        return self.tensors()["critical_key"]
+
+
+def active_edits(entries: Sequence[LedgerEntry]) -> list[LedgerEntry]:
+    """The edit entries in force at the end: after the last restore, not undone since."""
+    live: dict[int, LedgerEntry] = {}
+    for entry in entries:
+        if entry.kind == "edit":
+            live[entry.edit_id] = entry
+        elif entry.kind == "undo":
+            for edit_id in entry.edit_ids:
+                live.pop(edit_id, None)
+        elif entry.kind == "restore":
+            live.clear()
+    return list(live.values())
+
+
+def since_restore(entries: Sequence[LedgerEntry]) -> list[LedgerEntry]:
+    """Edit and undo entries after the last restore: the history that decides the current state."""
+    start = 0
+    for i, entry in enumerate(entries):
+        if entry.kind == "restore":
+            start = i + 1
+    return [e for e in entries[start:] if e.kind in ("edit", "undo")]
+
+
+# ---------------------------------------------------------------------------------------------- records
+
+
+def edit_record(applied: AppliedEdit, manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """The JSON fields of an applied edit (what an index line or edits-file event holds, minus its tensors)."""
+    result = applied.result
+    layers = sorted(applied.updates)
+    return {
+        "edit_id": applied.edit_id,
+        "method": manifest["method"],
+        "config_fingerprint": manifest["config_fingerprint"],
+        "requests": [r.to_dict() for r in applied.requests],
+        "layers": layers,
+        "critical_layer": layers[-1],
+        "rank": int(applied.updates[layers[-1]].left.shape[1]),
+        "self_response": applied.self_response,
+        "decision": {
+            "score": applied.decision.score,
+            "threshold": applied.decision.threshold,
+            "triggered": applied.decision.triggered,
+            "rank": applied.decision.rank,
+            "extra": applied.decision.extra,
+        },
+        "result": {
+            "steps": result.steps,
+            "target_prob": result.target_prob,
+            "success": result.success,
+            "seconds": result.seconds,
+        },
+        "created": applied.created,
+    }
+
+
+def edit_tensors(applied: AppliedEdit) -> dict[str, torch.Tensor]:
+    """The tensors of an applied edit, as stored: float32 CPU copies, no shared storage."""
+    out = {}
+    for layer, update in applied.updates.items():
+        out[f"layer.{layer}.left"] = update.left
+        out[f"layer.{layer}.right"] = update.right
+        out[f"layer.{layer}.keys"] = update.keys
+    out["critical_key"] = applied.critical_key
+    return {name: t.detach().to("cpu", torch.float32).contiguous().clone() for name, t in out.items()}
+
+
+def _request_json(item: Any) -> Any:
+    """A rejected item as JSON: requests and records by their fields, anything else as given (or repr)."""
+    if isinstance(item, EditRequest):
+        return item.to_dict()
+    request = getattr(item, "request", None)
+    if isinstance(request, EditRequest):  # an EditRecord
+        return request.to_dict()
+    if isinstance(item, Mapping):
+        return {str(k): v for k, v in item.items()}
+    return item
+
+
+def _dumps(data: Mapping[str, Any]) -> str:
+    # ASCII only (lone surrogates and all are escaped): a line is exactly its bytes, whatever the input
+    return json.dumps(data, ensure_ascii=True, separators=(",", ":"), default=repr)
+
+
+def _stamp() -> dict[str, Any]:
+    now = time.time()
+    utc = datetime.datetime.fromtimestamp(now, datetime.timezone.utc).isoformat(timespec="milliseconds")
+    return {"time": now, "utc": utc}
+
+
+# ---------------------------------------------------------------------------------------------- files
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename or a new file in ``path`` durable (POSIX; elsewhere the rename is all there is)."""
+    if os.name != "posix":
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, payload: bytes) -> None:
+    """Write ``payload`` to ``path`` so that the path holds either nothing/the old file or all of it."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _sha256(payload: bytes) -> str:
+    return hashlib.sha256(payload).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------- ledger
+
+
+class Ledger:
+    """A run directory: ``manifest.json``, ``index.jsonl`` and ``edits/``. Created if missing.
+
+    Reading (``entries``) needs nothing else; appending needs the manifest, which the Editor writes when
+    it is given the ledger. One writer at a time per directory.
+    """
+
+    MANIFEST = "manifest.json"
+    INDEX = "index.jsonl"
+    EDITS = "edits"
+
+    def __init__(self, path: str | os.PathLike, create: bool = True):
+        self.path = Path(path).expanduser()
+        if not self.path.is_dir():
+            if not create or self.path.exists():
+                raise LedgerError("is not a ledger directory", self.path)
+            self.path.mkdir(parents=True)
+        self._next_seq: int | None = None  # set by the first write, after repairing a torn tail
+        self._edit_ids: set[int] = set()
+
+    def __repr__(self) -> str:
+        return f"Ledger({str(self.path)!r})"
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.path / self.MANIFEST
+
+    @property
+    def index_path(self) -> Path:
+        return self.path / self.INDEX
+
+    # ---------------------------------------------------------------- manifest
+    def manifest(self) -> dict[str, Any] | None:
+        """The manifest, or None before one was written."""
+        if not self.manifest_path.is_file():
+            return None
+        try:
+            data = json.loads(self.manifest_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise LedgerError(f"unreadable ({err})", self.manifest_path) from err
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise LedgerError(f"not a {FORMAT} manifest", self.manifest_path)
+        if data.get("format_version", 0) > FORMAT_VERSION:
+            raise LedgerError(
+                f"format version {data['format_version']} is newer than this deltaedit reads ({FORMAT_VERSION})",
+                self.manifest_path,
+            )
+        return data
+
+    def write_manifest(self, manifest: Mapping[str, Any]) -> None:
+        data = {"format": FORMAT, "format_version": FORMAT_VERSION, **manifest}
+        write_atomic(self.manifest_path, (json.dumps(data, indent=2, default=repr) + "\n").encode())
+
+    # ---------------------------------------------------------------- reading
+    def entries(self) -> list[LedgerEntry]:
+        """Every complete entry, in order; a torn last line is ignored, any other damage raises LedgerError."""
+        entries = []
+        for seq, data in enumerate(self._lines()):
+            kind = data.get("kind")
+            if data.get("seq") != seq or kind not in KINDS:
+                raise LedgerError(f"line {seq + 1} is not entry {seq} of a known kind", self.index_path)
+            loader = self._tensor_loader(data) if kind == "edit" else None
+            entries.append(LedgerEntry(seq, kind, data, loader))
+        return entries
+
+    def active_edits(self) -> list[LedgerEntry]:
+        """The edits in force at the end of the ledger, oldest first."""
+        return active_edits(self.entries())
+
+    def _lines(self) -> list[dict[str, Any]]:
+        try:
+            raw = self.index_path.read_bytes()
+        except FileNotFoundError:
+            return []
+        lines = raw.split(b"\n")
+        if lines[-1]:
+            log.warning(
+                "%s: ignoring a torn last line (%d bytes): an append that never completed",
+                self.index_path,
+                len(lines[-1]),
+            )
+        out = []
+        for number, line in enumerate(lines[:-1], 1):
+            try:
+                data = json.loads(line)
+            except ValueError:
+                raise LedgerError(f"line {number} is corrupt (not JSON)", self.index_path) from None
+            if not isinstance(data, dict):
+                raise LedgerError(f"line {number} is not a JSON object", self.index_path)
+            out.append(data)
+        return out
+
+    def _tensor_loader(self, data: dict[str, Any]) -> Callable[[], dict[str, torch.Tensor]]:
+        path = self.path / data["file"]
+        expected = data["sha256"]
+
+        def load() -> dict[str, torch.Tensor]:
+            try:
+                payload = path.read_bytes()
+            except OSError as err:
+                raise LedgerError(
+                    f"missing or unreadable ({err.strerror}); listed as edit {data['edit_id']}", path
+                ) from err
+            if _sha256(payload) != expected:
+                raise LedgerError(f"checksum mismatch: the file is corrupt (edit {data['edit_id']})", path)
+            try:
+                return load_bytes(payload)
+            except Exception as err:  # the checksum matched, so this is a writer bug, still name the file
+                raise LedgerError(f"not a readable safetensors file ({err})", path) from err
+
+        return load
+
+    # ---------------------------------------------------------------- writing
+    def append(self, applied: AppliedEdit) -> LedgerEntry:
+        """Record an applied edit: its tensor file first (durably), then its index line (the commit point).
+
+        If this raises, the ledger does not list the edit (a stray tensor file may remain; it is ignored).
+        """
+        manifest = self.manifest()
+        if manifest is None:
+            raise LedgerError("has no manifest; give the ledger to an Editor before appending", self.path)
+        self._open_for_writing()
+        if applied.edit_id in self._edit_ids:
+            raise LedgerError(f"already lists edit {applied.edit_id}", self.index_path)
+        tensors = edit_tensors(applied)
+        payload = save_bytes(tensors, metadata={"format": FORMAT, "edit_id": str(applied.edit_id)})
+        name = f"{self.EDITS}/{applied.edit_id:06d}.safetensors"
+        (self.path / self.EDITS).mkdir(exist_ok=True)
+        write_atomic(self.path / name, payload)
+        data = {"kind": "edit", **edit_record(applied, manifest)}
+        data.update(file=name, sha256=_sha256(payload), bytes=len(payload))
+        entry = self._write_line(data, self._tensor_loader)
+        self._edit_ids.add(applied.edit_id)
+        return entry
+
+    def record_undo(self, edit_ids: Sequence[int], how: str = "undo") -> LedgerEntry:
+        """Record that ``edit_ids`` were taken back (``how``: "undo" or "undo_to")."""
+        return self._write_line({"kind": "undo", "edit_ids": [int(i) for i in edit_ids], "how": how})
+
+    def record_restore(self) -> LedgerEntry:
+        """Record that every edit and all running state were dropped (``Editor.restore``)."""
+        return self._write_line({"kind": "restore"})
+
+    def reject(
+        self,
+        item: Any,
+        reason: str,
+        field: str | None = None,
+        *,
+        error: str | None = None,
+        source: str | None = None,
+        line: int | None = None,
+    ) -> LedgerEntry:
+        """Record a request (or EditRecord, raw dict, or a list of them for a batch) that was refused or
+        failed; no tensors. ``source`` / ``line`` default to those of an EditRecord; for a data-file error
+        with no request, pass ``None`` and the DataError's ``path`` / ``line``.
+        """
+        items = [] if item is None else list(item) if isinstance(item, list | tuple) else [item]
+        first = items[0] if items else None
+        source = source if source is not None else getattr(first, "source", None) or None
+        line = line if line is not None else getattr(first, "line", None)
+        data = {
+            "kind": "rejected",
+            "requests": [_request_json(i) for i in items],
+            "reason": reason,
+            "field": field,
+            "error": error,
+            "source": source,
+            "line": line,
+        }
+        return self._write_line(data)
+
+    def _open_for_writing(self) -> None:
+        """On the first write: cut off a torn last line (an append that never returned) and count entries."""
+        if self._next_seq is not None:
+            return
+        entries = self.entries()
+        if self.index_path.is_file():
+            raw = self.index_path.read_bytes()
+            keep = raw.rfind(b"\n") + 1
+            if keep < len(raw):
+                log.warning("%s: removing a torn last line left by an interrupted append", self.index_path)
+                with open(self.index_path, "r+b") as f:
+                    f.truncate(keep)
+                    f.flush()
+                    os.fsync(f.fileno())
+        self._next_seq = len(entries)
+        self._edit_ids = {e.edit_id for e in entries if e.kind == "edit"}
+
+    def _write_line(self, data: dict[str, Any], loader_for=None) -> LedgerEntry:
+        self._open_for_writing()
+        seq = self._next_seq
+        data = {"seq": seq, **data, **_stamp()}
+        line = (_dumps(data) + "\n").encode("ascii")
+        if not self.index_path.exists():  # make the new file's name durable before any line counts on it
+            self.index_path.touch()
+            _fsync_dir(self.path)
+        fd = os.open(self.index_path, os.O_WRONLY | os.O_APPEND)  # unbuffered: nothing is left to flush later
+        try:
+            start = os.fstat(fd).st_size
+            try:
+                view = memoryview(line)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            except BaseException:
+                try:  # leave no trace of the line: the caller treats this event as not having happened
+                    os.ftruncate(fd, start)
+                    os.fsync(fd)
+                except OSError:
+                    log.exception("%s: could not remove a failed append", self.index_path)
+                raise
+        finally:
+            os.close(fd)
+        self._next_seq = seq + 1
+        return LedgerEntry(seq, data["kind"], data, loader_for(data) if loader_for else None)
+
+    # ---------------------------------------------------------------- replay
+    def replay(self, editor) -> None:
+        """Re-apply this ledger onto a fresh ``editor`` (same method, config and base model) and attach it, so
+        the editor continues the run exactly where the ledger ends. See ``Editor.resume``."""
+        editor._resume_from(self)
+
+
+# ---------------------------------------------------------------------------------------------- edits file
+
+
+def write_edits_file(
+    path: str | os.PathLike,
+    manifest: Mapping[str, Any],
+    events: Iterable[tuple[dict[str, Any], dict[str, torch.Tensor]]],
+) -> Path:
+    """Write events (JSON record, tensors) into one safetensors file; tensors are keyed ``edit.<id>.<name>``.
+
+    The metadata holds the manifest, the events and a sha256 over every tensor's name, dtype, shape and bytes.
+    """
+    path = Path(path).expanduser()
+    records, tensors = [], {}
+    for seq, (record, named) in enumerate(events):
+        records.append({"seq": seq, **record})
+        for name, tensor in named.items():
+            tensors[f"edit.{record['edit_id']}.{name}"] = tensor
+    metadata = {
+        "format": EDITS_FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "manifest": json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION, **manifest}, default=repr),
+        "events": _dumps({"events": records}),
+        "payload_sha256": _tensors_digest(tensors),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, save_bytes(tensors, metadata=metadata))
+    return path
+
+
+def read_edits_file(path: str | os.PathLike) -> tuple[dict[str, Any], list[LedgerEntry]]:
+    """The manifest and events of an edits file; every tensor is read and verified before this returns."""
+    path = Path(path).expanduser()
+    try:
+        payload = path.read_bytes()
+    except OSError as err:
+        raise LedgerError(f"cannot read the edits file ({err.strerror})", path) from err
+    try:
+        header_size = int.from_bytes(payload[:8], "little")
+        metadata = json.loads(payload[8 : 8 + header_size]).get("__metadata__") or {}
+        tensors = load_bytes(payload)
+    except Exception as err:
+        raise LedgerError(f"not a readable edits file ({err})", path) from err
+    if metadata.get("format") != EDITS_FORMAT:
+        raise LedgerError(f"not a {EDITS_FORMAT} file (format {metadata.get('format')!r})", path)
+    if _tensors_digest(tensors) != metadata.get("payload_sha256"):
+        raise LedgerError("checksum mismatch: the edits file is corrupt", path)
+    try:
+        manifest = json.loads(metadata["manifest"])
+        records = json.loads(metadata["events"])["events"]
+    except (KeyError, ValueError) as err:
+        raise LedgerError(f"corrupt metadata ({err})", path) from err
+    entries = []
+    for record in records:
+        loader = None
+        if record["kind"] == "edit":
+            prefix = f"edit.{record['edit_id']}."
+            own = {name[len(prefix) :]: t for name, t in tensors.items() if name.startswith(prefix)}
+            loader = (lambda own=own: dict(own)) if own else None
+        entries.append(LedgerEntry(record["seq"], record["kind"], record, loader))
+    return manifest, entries
+
+
+def _tensors_digest(tensors: Mapping[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def check_base_model(manifest: Mapping[str, Any], found: str, source: str | os.PathLike) -> None:
+    """Raise BaseModelMismatchError unless ``found`` (a models.fingerprint) is the base the edits were made on."""
+    if found != manifest.get("base_fingerprint"):
+        raise BaseModelMismatchError(
+            f"the edits were made on base model {manifest.get('model_name') or '?'!r} with weight fingerprint "
+            f"{manifest.get('base_fingerprint')}, but this model's fingerprint is {found}; load that base model "
+            "(unedited) and apply them to it",
+            source,
+        )
+
+
+def apply_edits(model, path: str | os.PathLike) -> list[int]:
+    """Write the edits of an edits file (from ``Editor.save_edits``) into ``model``, weights only.
+
+    Each edited layer becomes ``W0 + sum of the edits in force`` summed in float32 in the order they were
+    made, then cast to the model's dtype: bit for bit the editor's weights for a float32 model. The base
+    fingerprint is checked and every tensor verified first, so a wrong model or a corrupt file changes
+    nothing. No method state is built; use ``Editor.from_edits`` to go on editing. Returns the edit ids.
+    """
+    manifest, entries = read_edits_file(path)
+    check_base_model(manifest, fingerprint(model), path)
+    live = active_edits(entries)
+    updates = [entry.updates() for entry in live]
+    parts = find_parts(model)
+    layers = sorted({layer for u in updates for layer in u})
+    new = {}
+    for layer in layers:
+        weight = out_weight(parts.out_projs[layer])
+        total = weight.detach().float().clone()
+        for u in updates:
+            if layer in u:  # the product on the weight's device, as the editor computed it
+                total += u[layer].left.to(total.device) @ u[layer].right.to(total.device).T
+        new[layer] = total.to(weight.dtype)
+    with torch.no_grad():
+        for layer, value in new.items():
+            out_weight(parts.out_projs[layer]).copy_(value)
+    return [entry.edit_id for entry in live]
+
+
+__all__ = [
+    "Ledger",
+    "LedgerEntry",
+    "LedgerError",
+    "BaseModelMismatchError",
+    "apply_edits",
+    "active_edits",
+    "read_edits_file",
+    "write_edits_file",
+]
