@@ -1,0 +1,135 @@
+"""Superimposed-noise diagnostics of DESIGN.md §3 (paper §3.3, §4.1), read off an :class:`~deltaedit.Editor`.
+
+At a checkpoint after T edits, for every edited layer l (the paper plots the critical one, the last):
+
+* ``noise_E``: mean over edited requests e of ``||(W_T - W_0) k_e||² - ||Delta_e k_e||²`` (eq. 12-13), with
+  ``k_e`` the key stored when e was made (not re-read from today's model) and ``W_T - W_0`` the total update
+  of the layer as it now stands (``editor.weight_delta``), which includes ``Delta_e`` itself; zero when the
+  edits do not interfere. ``self_E`` is the mean of the subtracted ``||Delta_e k_e||²``, for scale.
+* ``ktb`` / ``ktb_abs``: signed and absolute mean of ``k_i^T beta_j`` over pairs of requests from different
+  edits (eq. 15, normalized by the number of pairs, T(T-1) with one request per edit): how strongly one
+  edit's activation vector fires on another edit's key. ``beta_j`` is the right factor of the layer update
+  (``Delta = alpha beta^T`` with ``alpha`` the residual, eq. 9).
+* ``delta_norm``: Frobenius norm of the total update ``W_T - W_0`` (DeltaEdit's Delta_hist at the critical layer).
+* ``cond`` / ``cond_original``: condition number (largest / smallest singular value, float32) of the edited
+  and of the original ``W_out``; PRUNE's argument is that editing inflates it.
+
+plus the share of edits whose DeltaEdit decision turned the orthogonal constraint on.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from .models import out_weight
+
+CHUNK = 1024  # key columns per matrix product, to bound memory on large models
+
+
+def _finite(value: float | torch.Tensor | None) -> float | None:
+    """A JSON-safe float: NaN and infinities become None."""
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def condition_number(weight: torch.Tensor) -> float | None:
+    """Largest over smallest singular value in float32; None when the matrix is singular."""
+    values = torch.linalg.svdvals(weight.detach().float())
+    smallest = values.min().item()
+    return _finite(values.max().item() / smallest) if smallest > 0 else None
+
+
+def layer_diagnostics(editor, layer: int, condition: bool = True) -> dict[str, float | int | None]:
+    """The §3 statistics of one edited layer (see the module docstring)."""
+    delta = editor.weight_delta(layer)
+    device = delta.device
+    keys, rights, key_owner, right_owner, self_terms = [], [], [], [], []
+    for index, applied in enumerate(editor.applied):
+        update = applied.updates.get(layer)
+        if update is None:  # an edit that did not touch this layer
+            continue
+        k = update.keys.to(device, torch.float32)
+        left, right = update.left.to(device, torch.float32), update.right.to(device, torch.float32)
+        self_terms.append(((left @ (right.T @ k)) ** 2).sum(0))  # ||Delta_e k||² per request
+        keys.append(k)
+        rights.append(right)
+        key_owner += [index] * k.shape[1]
+        right_owner += [index] * right.shape[1]
+
+    out: dict[str, float | int | None] = {
+        "n_requests": len(key_owner),
+        "noise_E": None,
+        "self_E": None,
+        "ktb": None,
+        "ktb_abs": None,
+        "delta_norm": _finite(delta.norm()),
+    }
+    if keys:
+        all_keys = torch.cat(keys, 1)
+        self_sq = torch.cat(self_terms).double()
+        total_sq = torch.cat([((delta @ chunk) ** 2).sum(0) for chunk in all_keys.split(CHUNK, 1)]).double()
+        out["noise_E"] = _finite((total_sq - self_sq).mean())
+        out["self_E"] = _finite(self_sq.mean())
+        out.update(_wrong_activation(all_keys, torch.cat(rights, 1), key_owner, right_owner))
+    if condition:
+        out["cond"] = condition_number(out_weight(editor.parts.out_projs[layer]))
+        out["cond_original"] = condition_number(editor.original_weights[layer])
+    return out
+
+
+def _wrong_activation(keys: torch.Tensor, betas: torch.Tensor, key_owner: list[int], beta_owner: list[int]):
+    """Signed and absolute mean of k_i^T beta_j over (key, beta) pairs belonging to different edits."""
+    device = keys.device
+    beta_edit = torch.tensor(beta_owner, device=device)
+    key_edit = torch.tensor(key_owner, device=device)
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    total_abs = torch.zeros((), dtype=torch.float64, device=device)
+    pairs = 0
+    for start in range(0, keys.shape[1], CHUNK):
+        block = keys[:, start : start + CHUNK].T @ betas  # (chunk, n_betas)
+        other = key_edit[start : start + CHUNK, None] != beta_edit[None, :]
+        values = block[other].double()
+        total += values.sum()
+        total_abs += values.abs().sum()
+        pairs += int(other.sum())
+    if pairs == 0:
+        return {"ktb": None, "ktb_abs": None}
+    return {"ktb": _finite(total / pairs), "ktb_abs": _finite(total_abs / pairs)}
+
+
+@torch.no_grad()
+def diagnose(editor, layers: Sequence[int] | None = None, condition: bool = True) -> dict[str, Any]:
+    """JSON-ready diagnostics of the edits the editor holds now: per layer (keys are layer indices as
+    strings) and, at the top level, the critical layer's values and DeltaEdit's trigger statistics.
+
+    ``condition=False`` skips the two SVDs per layer, the only costly part on large models.
+    """
+    config = editor.config
+    layers = list(config.layers if layers is None else layers)
+    critical = config.critical_layer
+    if critical not in layers:
+        layers.append(critical)
+    per_layer = {str(layer): layer_diagnostics(editor, layer, condition) for layer in layers}
+    decisions = [applied.decision for applied in editor.applied]
+    triggered = [d for d in decisions if d.triggered]
+    out: dict[str, Any] = {
+        "n_edits": len(decisions),
+        "n_requests": sum(len(applied.requests) for applied in editor.applied),
+        "critical_layer": critical,
+        "triggered": len(triggered),
+        "triggered_share": len(triggered) / len(decisions) if decisions else None,
+        "removed_rank_mean": sum(d.rank for d in triggered) / len(triggered) if triggered else None,
+    }
+    for name in ("noise_E", "self_E", "ktb", "ktb_abs", "delta_norm", "cond"):
+        out[name] = per_layer[str(critical)].get(name)
+    out["layers"] = per_layer
+    return out
+
+
+__all__ = ["diagnose", "layer_diagnostics", "condition_number"]

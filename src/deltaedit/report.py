@@ -1,0 +1,334 @@
+"""Run records (``metrics.json``), the checkpoint schedule, and the side-by-side report with plots.
+
+A run directory holds one ``metrics.json`` (schema in docs/metrics.md)::
+
+    {"schema": 1,
+     "run": {"name": ..., "method": ..., "model": ..., "dataset": ..., "n_edits": ..., "seed": ..., "config": {...}},
+     "checkpoints": [{"n_edits": 50, "seconds": 81.2,
+                      "metrics": {"counterfact": {"efficacy_top": 0.98, ...}, "zsre": {...}},
+                      "diagnostics": {...deltaedit.diagnostics.diagnose output...}}, ...]}
+
+:func:`write_report` puts any number of runs side by side: the paper's Table 1 (final checkpoint of each run;
+runs of the same model and label share a row, so a CounterFact run and a zsRE run of one method fill one
+row) and the curves of Figures 1, 2 and 4a against the number of edits.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+METRICS_FILE = "metrics.json"
+DEFAULT_POINTS = (50, 100, 200, 500, 1000, 2000, 3000)
+
+# Table 1 columns: (group title, column title, metrics group, metric name)
+TABLE_COLUMNS = (
+    ("CounterFact top", "Eff.", "counterfact", "efficacy_top"),
+    ("CounterFact top", "Gen.", "counterfact", "generalization_top"),
+    ("CounterFact top", "Spe.", "counterfact", "specificity_top"),
+    ("CounterFact larger", "Eff.", "counterfact", "efficacy_larger"),
+    ("CounterFact larger", "Gen.", "counterfact", "generalization_larger"),
+    ("CounterFact larger", "Spe.", "counterfact", "specificity_larger"),
+    ("ZsRE", "Eff.", "zsre", "efficacy"),
+    ("ZsRE", "Gen.", "zsre", "generalization"),
+    ("ZsRE", "Spe.", "zsre", "specificity"),
+)
+# plot file -> (title, y label); the value each plot reads is chosen in _curve_value
+PLOTS = {
+    "efficacy_top.png": ("Efficacy (top) vs number of edits (Figure 1)", "CounterFact Efficacy top"),
+    "noise_E.png": ("noise_E at the critical layer (Figure 4a)", "noise_E"),
+    "ktb.png": ("Wrong activation k^T beta at the critical layer (Figure 2)", "k^T beta"),
+}
+
+
+class RunFileError(ValueError):
+    """A run directory whose metrics.json is missing or malformed; the message names the file."""
+
+
+# ---------------------------------------------------------------------------------------------- schedule
+def checkpoint_schedule(n_edits: int, points: Iterable[int] = DEFAULT_POINTS) -> list[int]:
+    """The evaluation points of a run of ``n_edits`` edits: every point not beyond the end, plus the end."""
+    if n_edits <= 0:
+        return []
+    return sorted({p for p in points if 0 < p <= n_edits} | {n_edits})
+
+
+# ---------------------------------------------------------------------------------------------- metrics.json
+def new_run_record(
+    method: str,
+    model: str,
+    dataset: str,
+    n_edits: int,
+    seed: int = 0,
+    config: dict[str, Any] | None = None,
+    name: str | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """A fresh metrics.json document with no checkpoints yet."""
+    run = {"name": name or method, "method": method, "model": model, "dataset": dataset, "n_edits": n_edits}
+    run.update({"seed": seed, "config": config or {}, **extra})
+    return {"schema": SCHEMA_VERSION, "run": run, "checkpoints": []}
+
+
+def add_checkpoint(
+    document: dict[str, Any],
+    n_edits: int,
+    seconds: float,
+    metrics: dict[str, dict[str, float | None]],
+    diagnostics: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Append (or replace, for the same ``n_edits``) one checkpoint, keeping them sorted by edits."""
+    entry = {"n_edits": n_edits, "seconds": seconds, "metrics": metrics, "diagnostics": diagnostics or {}}
+    kept = [c for c in document["checkpoints"] if c["n_edits"] != n_edits]
+    document["checkpoints"] = sorted([*kept, entry], key=lambda c: c["n_edits"])
+    return entry
+
+
+def write_metrics(run_dir: str | os.PathLike, document: dict[str, Any]) -> Path:
+    """Write metrics.json atomically (temporary file, then rename), so a reader never sees half a file."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    target = run_dir / METRICS_FILE
+    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=".metrics.", suffix=".json")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            json.dump(_json_safe(document), out, indent=1, allow_nan=False)
+        os.replace(tmp, target)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return target
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN / infinity become null: strict JSON, readable by any tool."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def read_metrics(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """Read and check a run's metrics.json (a path to the file itself is accepted too)."""
+    path = Path(run_dir)
+    if path.is_dir():
+        path = path / METRICS_FILE
+    if not path.is_file():
+        raise RunFileError(f"{path}: no such file; a run directory must hold {METRICS_FILE}")
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as error:
+        raise RunFileError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(document, dict) or not isinstance(document.get("run"), dict):
+        raise RunFileError(f"{path}: expected an object with a 'run' object and a 'checkpoints' list")
+    checkpoints = document.get("checkpoints", [])
+    if not isinstance(checkpoints, list) or not all(
+        isinstance(c, dict) and isinstance(c.get("n_edits"), int) for c in checkpoints
+    ):
+        raise RunFileError(f"{path}: 'checkpoints' must be a list of objects, each with an integer 'n_edits'")
+    document["checkpoints"] = sorted(checkpoints, key=lambda c: c["n_edits"])
+    document.setdefault("schema", SCHEMA_VERSION)
+    return document
+
+
+# ---------------------------------------------------------------------------------------------- report
+def run_label(run: dict[str, Any]) -> str:
+    """How a run is named in tables and legends: its name, else its method."""
+    return str(run.get("name") or run.get("method") or "run")
+
+
+def _metric(checkpoint: dict[str, Any], group: str, name: str) -> float | None:
+    value = checkpoint.get("metrics", {}).get(group, {}).get(name)
+    return value if isinstance(value, int | float) and math.isfinite(value) else None
+
+
+def _final_metrics(document: dict[str, Any]) -> tuple[dict[str, dict[str, float]], int | None]:
+    """Each metric's value at the last checkpoint that has it, and that checkpoint's edit count."""
+    values: dict[str, dict[str, float]] = {}
+    last = None
+    for checkpoint in document["checkpoints"]:
+        for group, metrics in checkpoint.get("metrics", {}).items():
+            for name in metrics if isinstance(metrics, dict) else ():
+                value = _metric(checkpoint, group, name)
+                if value is not None:
+                    values.setdefault(group, {})[name] = value
+                    last = checkpoint["n_edits"]
+    return values, last
+
+
+def table_rows(documents: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Table 1 rows: one per (model, label), merging the final metrics of the runs that share it."""
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    for document in documents:
+        run = document["run"]
+        key = (str(run.get("model", "")), run_label(run))
+        row = rows.setdefault(key, {"model": key[0], "label": key[1], "values": {}, "edits": []})
+        values, last = _final_metrics(document)
+        for group, metrics in values.items():
+            row["values"].setdefault(group, {}).update(metrics)
+        n = last if last is not None else run.get("n_edits")
+        if n is not None and n not in row["edits"]:
+            row["edits"].append(n)
+    return list(rows.values())
+
+
+def _percent(value: float | None) -> str:
+    return "" if value is None else f"{100 * value:.2f}"
+
+
+def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
+    """The paper's Table 1 as Markdown: percentages with two decimals, blank where a run has no value."""
+    header = ["Model", "Method"] + [f"{group} {title}" for group, title, _, _ in TABLE_COLUMNS] + ["Edits"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|"]
+    for row in rows:
+        cells = [row["model"], row["label"]]
+        cells += [_percent(row["values"].get(group, {}).get(name)) for _, _, group, name in TABLE_COLUMNS]
+        cells.append(" / ".join(str(n) for n in row["edits"]))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _curve_value(checkpoint: dict[str, Any], plot: str) -> float | None:
+    diagnostics = checkpoint.get("diagnostics") or {}
+    if plot == "efficacy_top.png":
+        return _metric(checkpoint, "counterfact", "efficacy_top")
+    key = "noise_E" if plot == "noise_E.png" else "ktb"
+    value = diagnostics.get(key)
+    return value if isinstance(value, int | float) and math.isfinite(value) else None
+
+
+def _curves(documents: Sequence[dict[str, Any]], plot: str, legend: list[str]) -> list[tuple[str, list, list]]:
+    curves = []
+    for document, label in zip(documents, legend, strict=True):
+        points = [(c["n_edits"], _curve_value(c, plot)) for c in document["checkpoints"]]
+        points = [(n, v) for n, v in points if v is not None]
+        if points:
+            curves.append((label, [n for n, _ in points], [v for _, v in points]))
+    return curves
+
+
+def _legend(documents: Sequence[dict[str, Any]]) -> list[str]:
+    """Run labels, with the model and dataset added only where they tell runs apart."""
+    runs = [d["run"] for d in documents]
+    labels = [run_label(r) for r in runs]
+    for field in ("model", "dataset"):
+        if len({str(r.get(field, "")) for r in runs}) > 1:
+            labels = [f"{label} ({r.get(field, '?')})" for label, r in zip(labels, runs, strict=True)]
+    seen: dict[str, int] = {}
+    unique = []
+    for label in labels:
+        seen[label] = seen.get(label, 0) + 1
+        unique.append(label if seen[label] == 1 else f"{label} #{seen[label]}")
+    return unique
+
+
+def _plot(path: Path, title: str, ylabel: str, curves: list[tuple[str, list, list]], percent: bool) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    from matplotlib import pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    try:
+        for label, xs, ys in curves:
+            ax.plot(xs, [100 * y for y in ys] if percent else ys, marker="o", markersize=3, label=label)
+        values = [y for _, _, ys in curves for y in ys]
+        if not percent and values and min(values) > 0 and max(values) / min(values) > 100:
+            ax.set_yscale("log")  # noise_E spans orders of magnitude (paper Table 2)
+        ax.set_xlabel("number of edits")
+        ax.set_ylabel(ylabel + (" (%)" if percent else ""))
+        ax.set_title(title)
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+    finally:
+        plt.close(fig)
+
+
+def write_report(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike) -> Path:
+    """Write ``report.md`` (Table 1 side by side, per-run checkpoint tables) and the three PNG plots into
+    ``out_dir``; returns the report's path. Plots nobody has data for are skipped and said so."""
+    if not run_dirs:
+        raise ValueError("run_dirs: give at least one run directory")
+    documents = [read_metrics(d) for d in run_dirs]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    legend = _legend(documents)
+
+    lines = ["# Editing report", "", "## Table 1", ""]
+    lines.append(
+        "Final checkpoint of each run, in %. CounterFact *top*: the target is the greedy prediction; *larger*: "
+        "it is more probable than the other answer; ZsRE: token-level top-1 accuracy, Spe. = predictions on "
+        "`loc` unchanged from the unedited model. Definitions: docs/metrics.md."
+    )
+    lines += ["", markdown_table(table_rows(documents)), "", "## Curves", ""]
+    for plot, (title, ylabel) in PLOTS.items():
+        curves = _curves(documents, plot, legend)
+        if curves:
+            _plot(out_dir / plot, title, ylabel, curves, percent=plot == "efficacy_top.png")
+            lines += [f"![{title}]({plot})", ""]
+        else:
+            (out_dir / plot).unlink(missing_ok=True)
+            lines += [f"*{title}: no run has this value.*", ""]
+    lines += ["## Checkpoints", ""]
+    for document, label, run_dir in zip(documents, legend, run_dirs, strict=True):
+        lines += [f"### {label}", "", _run_summary(document["run"], run_dir), "", _checkpoint_table(document), ""]
+    path = out_dir / "report.md"
+    path.write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
+    return path
+
+
+def _run_summary(run: dict[str, Any], run_dir: str | os.PathLike) -> str:
+    fields = [f"{k}: `{run[k]}`" for k in ("method", "model", "dataset", "n_edits", "seed") if k in run]
+    return f"`{run_dir}` - " + ", ".join(fields)
+
+
+def _number(value: Any) -> str:
+    if not isinstance(value, int | float) or not math.isfinite(value):
+        return ""
+    return f"{value:.4g}"
+
+
+def _checkpoint_table(document: dict[str, Any]) -> str:
+    header = "| Edits | Seconds | CF Eff. top | CF Eff. larger | ZsRE Eff. | noise_E | k^T beta | abs k^T beta |"
+    header += " norm Delta | cond W | triggered |"
+    lines = [header, "|" + "---:|" * 11]
+    for c in document["checkpoints"]:
+        d = c.get("diagnostics") or {}
+        cells = [
+            str(c["n_edits"]),
+            _number(c.get("seconds")),
+            _percent(_metric(c, "counterfact", "efficacy_top")),
+            _percent(_metric(c, "counterfact", "efficacy_larger")),
+            _percent(_metric(c, "zsre", "efficacy")),
+            _number(d.get("noise_E")),
+            _number(d.get("ktb")),
+            _number(d.get("ktb_abs")),
+            _number(d.get("delta_norm")),
+            _number(d.get("cond")),
+            _percent(d.get("triggered_share")) if isinstance(d.get("triggered_share"), int | float) else "",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+__all__ = [
+    "checkpoint_schedule",
+    "new_run_record",
+    "add_checkpoint",
+    "write_metrics",
+    "read_metrics",
+    "write_report",
+    "table_rows",
+    "markdown_table",
+    "RunFileError",
+]

@@ -1,0 +1,146 @@
+"""Run records and the report: the checkpoint schedule, metrics.json round trip, Table 1 side by side with
+blanks for what a run lacks, and the three plots as valid PNG files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from matplotlib import image
+
+from deltaedit.report import (
+    RunFileError,
+    add_checkpoint,
+    checkpoint_schedule,
+    new_run_record,
+    read_metrics,
+    write_metrics,
+    write_report,
+)
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    ("n", "expected"),
+    [
+        (0, []),
+        (10, [10]),
+        (50, [50]),
+        (120, [50, 100, 120]),
+        (3000, [50, 100, 200, 500, 1000, 2000, 3000]),
+        (5000, [50, 100, 200, 500, 1000, 2000, 3000, 5000]),
+    ],
+)
+def test_checkpoint_schedule(n, expected):
+    assert checkpoint_schedule(n) == expected
+
+
+def test_checkpoint_schedule_custom_points():
+    assert checkpoint_schedule(7, points=(5, 2, 9)) == [2, 5, 7]
+
+
+def cf(eff_top, gen_top, spe_top, eff_l, gen_l, spe_l):
+    names = ("efficacy_top", "generalization_top", "specificity_top")
+    names += ("efficacy_larger", "generalization_larger", "specificity_larger")
+    return {"counterfact": dict(zip(names, (eff_top, gen_top, spe_top, eff_l, gen_l, spe_l), strict=True))}
+
+
+def diag(noise, ktb):
+    return {"noise_E": noise, "ktb": ktb, "ktb_abs": abs(ktb), "delta_norm": 1.5, "cond": 12.0, "triggered_share": 0.1}
+
+
+def make_runs(tmp_path):
+    alpha = new_run_record("alphaedit", "gpt2-xl", "counterfact", 100, seed=1, config={"layers": [13, 17]})
+    add_checkpoint(alpha, 100, 20.0, cf(0.8593, 0.4623, 0.5318, 0.9837, 0.8805, 0.9273), diag(2780.7, 0.0064))
+    add_checkpoint(alpha, 50, 10.0, cf(0.95, 0.6, 0.6, 0.99, 0.9, 0.93), diag(1.79, 0.01))
+    write_metrics(tmp_path / "alpha", alpha)
+
+    delta = new_run_record("deltaedit", "gpt2-xl", "counterfact", 100)
+    add_checkpoint(delta, 50, 11.0, cf(0.97, 0.6, 0.6, 0.99, 0.9, 0.93), diag(1.5, 0.009))
+    add_checkpoint(delta, 100, 22.0, cf(0.938, 0.5437, 0.5328, 0.9897, 0.911, None), diag(900.0, 0.005))
+    write_metrics(tmp_path / "delta", delta)
+
+    # a zsRE run of the same method and model, written by hand as any tool would: it joins DeltaEdit's row
+    (tmp_path / "delta-zsre").mkdir()
+    zsre = {
+        "run": {"name": "deltaedit", "method": "deltaedit", "model": "gpt2-xl", "dataset": "zsre", "n_edits": 100},
+        "checkpoints": [
+            {
+                "n_edits": 100,
+                "seconds": 30.0,
+                "metrics": {"zsre": {"efficacy": 0.9526, "generalization": 0.8848, "specificity": 0.2496}},
+            }
+        ],
+    }
+    (tmp_path / "delta-zsre" / "metrics.json").write_text(json.dumps(zsre))
+    return [tmp_path / "alpha", tmp_path / "delta", tmp_path / "delta-zsre"]
+
+
+def table_row(report: str, label: str) -> list[str]:
+    (line,) = [line for line in report.splitlines() if line.startswith(f"| gpt2-xl | {label} |")]
+    return [cell.strip() for cell in line.strip().strip("|").split("|")]
+
+
+def test_write_report(tmp_path):
+    out = tmp_path / "report"
+    path = write_report(make_runs(tmp_path), out)
+    report = path.read_text()
+    assert path == out / "report.md"
+    header = report.splitlines()[report.splitlines().index("## Table 1") + 4]
+    assert header.startswith("| Model | Method | CounterFact top Eff. | CounterFact top Gen. | CounterFact top Spe.")
+    assert header.endswith("ZsRE Eff. | ZsRE Gen. | ZsRE Spe. | Edits |")
+    # final checkpoint, in %, blank where the run has no value
+    alpha = ["gpt2-xl", "alphaedit", "85.93", "46.23", "53.18", "98.37", "88.05", "92.73", "", "", "", "100"]
+    delta = ["gpt2-xl", "deltaedit", "93.80", "54.37", "53.28", "98.97", "91.10", "93.00", "95.26", "88.48", "24.96"]
+    assert table_row(report, "alphaedit") == alpha
+    # specificity_larger is None at 100 edits: the last checkpoint that has it (50 edits) stands
+    assert table_row(report, "deltaedit") == [*delta, "100"]
+
+    for name in ("efficacy_top.png", "noise_E.png", "ktb.png"):
+        data = (out / name).read_bytes()
+        assert data.startswith(PNG_SIGNATURE)
+        pixels = image.imread(out / name)
+        assert pixels.shape[0] > 100 and pixels.shape[1] > 100
+        assert f"]({name})" in report
+    assert "### alphaedit" in report and "2781" in report  # noise_E in the checkpoint table
+
+
+def test_plots_without_data_are_skipped(tmp_path):
+    run = new_run_record("memit", "llama3-8b", "counterfact", 10)
+    add_checkpoint(run, 10, 1.0, cf(0.1, 0.1, 0.1, 0.5, 0.5, 0.5))  # no diagnostics
+    write_metrics(tmp_path / "run", run)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "noise_E.png").write_bytes(b"stale")
+    report = write_report([tmp_path / "run"], tmp_path / "out").read_text()
+    assert (tmp_path / "out" / "efficacy_top.png").exists()
+    assert not (tmp_path / "out" / "noise_E.png").exists() and not (tmp_path / "out" / "ktb.png").exists()
+    assert "no run has this value" in report
+
+
+def test_metrics_file_round_trip_and_errors(tmp_path):
+    run = new_run_record("deltaedit", "smollm2-135m", "counterfact", 3, name="deltaedit-eta1.5")
+    add_checkpoint(run, 3, 1.0, cf(1.0, 0.5, float("nan"), 1.0, 1.0, 1.0), {"cond": float("inf")})
+    add_checkpoint(run, 3, 2.0, cf(1.0, 0.5, 0.25, 1.0, 1.0, 1.0))  # the same checkpoint again replaces it
+    path = write_metrics(tmp_path, run)
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]  # no temporary file left behind
+    again = read_metrics(tmp_path)
+    assert again["run"]["name"] == "deltaedit-eta1.5" and again["schema"] == 1
+    assert [c["seconds"] for c in again["checkpoints"]] == [2.0]
+
+    run["checkpoints"][0]["diagnostics"] = {"cond": float("inf")}
+    run["checkpoints"][0]["metrics"]["counterfact"]["specificity_top"] = float("nan")
+    write_metrics(tmp_path, run)
+    text = path.read_text()
+    assert "NaN" not in text and "Infinity" not in text  # strict JSON: non-finite values are null
+    assert read_metrics(path)["checkpoints"][0]["diagnostics"]["cond"] is None
+
+    with pytest.raises(RunFileError, match="no such file"):
+        read_metrics(tmp_path / "missing")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "metrics.json").write_text("{not json")
+    with pytest.raises(RunFileError, match="not valid JSON"):
+        write_report([tmp_path / "bad"], tmp_path / "out")
+    (tmp_path / "bad" / "metrics.json").write_text('{"run": {}, "checkpoints": [{"edits": 3}]}')
+    with pytest.raises(RunFileError, match="n_edits"):
+        read_metrics(tmp_path / "bad")
