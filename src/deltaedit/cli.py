@@ -164,6 +164,11 @@ def cmd_demo(args) -> int:
             f"{request.text:<{width}}  {old[:22]:<22} {say(request.text)[:22]:<22} "
             f"{request.target_new[:11]:<11} {'yes' if score.greedy else 'NO'}"
         )
+    changed = [
+        c for c, a, b in zip(controls, controls_before, controls_after, strict=True) if a.greedy and not b.greedy
+    ]
+    for control in changed:
+        print(f"control lost its answer: {control['prompt']!r} -> now {say(control['prompt'])!r}")
     hits = sum(s.greedy for s in final)
     kept = sum(a.greedy == b.greedy for a, b in zip(controls_before, controls_after, strict=True) if b.greedy)
     known = sum(b.greedy for b in controls_before)
