@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 import time
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -17,9 +19,22 @@ from .methods import METHODS
 log = logging.getLogger("deltaedit")
 
 
+_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _parse_value(text: str) -> Any:
-    """``--set`` values are YAML scalars or lists: 3, 0.5, true, [4,5,6]."""
-    return yaml.safe_load(text)
+    """``--set`` values are YAML scalars or lists: 3, 0.5, true, [4,5,6], 1e-3.
+
+    PyYAML follows YAML 1.1, which reads ``1e9`` or ``1e-3`` (no dot, or no sign in the exponent) as strings;
+    those are numbers here, as in YAML 1.2 and JSON."""
+    value = yaml.safe_load(text)
+    if isinstance(value, list):
+        return [_exponent_float(item) for item in value]
+    return _exponent_float(value)
+
+
+def _exponent_float(value: Any) -> Any:
+    return float(value) if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()) else value
 
 
 def _overrides(args) -> dict[str, Any]:
@@ -32,7 +47,12 @@ def _overrides(args) -> dict[str, Any]:
         if "=" not in item:
             raise SystemExit(f"--set: expected NAME=VALUE, got {item!r}")
         name, value = item.split("=", 1)
-        values[name.strip()] = _parse_value(value)
+        try:
+            values[name.strip()] = _parse_value(value)
+        except yaml.YAMLError:
+            raise SystemExit(
+                f"--set {name.strip()}: cannot read {value!r}; give a number, true/false, a string or a list: [4,5,6]"
+            ) from None
     return values
 
 
@@ -64,7 +84,56 @@ def build_parser() -> argparse.ArgumentParser:
 
     config = sub.add_parser("config", help="print the effective method config for a model")
     _common(config)
+
+    run = sub.add_parser("run", help="edit a dataset's records one after another into a run directory")
+    _common(run)
+    run.add_argument("--dataset", default="counterfact", help="counterfact, zsre, ... or a .json/.jsonl/.csv file")
+    run.add_argument("--n-edits", type=int, default=100, help="edit the first N records")
+    run.add_argument("--out", required=True, help="run directory (the ledger, metrics.json, baseline.json)")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument(
+        "--on-error",
+        choices=("stop", "skip"),
+        default="stop",
+        help="a record that cannot be edited stops the run (default) or is skipped and logged",
+    )
+    run.add_argument("--checkpoints", help="comma-separated edit counts to evaluate at (default 50,100,...,3000)")
+    run.add_argument("--eval-batch-size", type=int, default=32)
+    run.add_argument("--resume", action="store_true", help="continue the run in --out after a crash or kill")
+    run.add_argument("--force", action="store_true", help="replace an existing run in --out")
+
+    log_cmd = sub.add_parser("log", help="list the edits, undos and rejections of a run")
+    log_cmd.add_argument("run_dir")
+    log_cmd.add_argument("--json", action="store_true", help="the raw index lines")
+
+    undo = sub.add_parser("undo", help="take edits of a run back (recorded in its ledger)")
+    undo.add_argument("run_dir")
+    target = undo.add_mutually_exclusive_group(required=True)
+    target.add_argument("--edit", type=int, help="undo this one edit")
+    target.add_argument("--to", type=int, help="undo every edit after this one (-1: all)")
+    _runtime(undo)
+
+    export = sub.add_parser("export", help="save a run's edited model, or only its edits")
+    export.add_argument("run_dir")
+    export.add_argument("--out", required=True, help="a Hugging Face model directory, or a .safetensors file")
+    export.add_argument("--edits-only", action="store_true", help="write the edits alone (small) to --out")
+    export.add_argument("--force", action="store_true", help="overwrite --out")
+    _runtime(export)
+
+    report = sub.add_parser("report", help="Table 1 and plots from one or more run directories")
+    report.add_argument("run_dirs", nargs="+")
+    report.add_argument("--out", required=True, help="folder for report.md and the PNG plots")
+
+    download = sub.add_parser("download", help="fetch a dataset from its public home into the data folder")
+    download.add_argument("name", help="counterfact or zsre")
+    download.add_argument("--data", help="data folder (default $DELTAEDIT_DATA)")
     return parser
+
+
+def _runtime(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", help="data folder (default $DELTAEDIT_DATA)")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: best available)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
 
 
 def _setup_logging(quiet: bool) -> None:
@@ -83,13 +152,12 @@ def _load(args):
     transformers.utils.logging.set_verbosity_error()
     if args.quiet:
         transformers.utils.logging.disable_progress_bar()
+    overrides = _overrides(args)  # before loading the model: a typo in --set fails at once
     torch.manual_seed(0)
     started = time.perf_counter()
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
     log.info("loaded %s in %.1f s on %s", args.model, time.perf_counter() - started, model.device)
-    editor = Editor(
-        model, tokenizer, method=args.method, config=_overrides(args), data_dir=args.data, progress=not args.quiet
-    )
+    editor = Editor(model, tokenizer, method=args.method, config=overrides, data_dir=args.data, progress=not args.quiet)
     return editor
 
 
@@ -184,16 +252,162 @@ def cmd_demo(args) -> int:
     return 0 if ok else 1
 
 
+def cmd_run(args) -> int:
+    from .run import RunSpec, run
+
+    spec = None
+    if not args.resume:
+        checkpoints = (
+            RunSpec.checkpoints
+            if args.checkpoints is None
+            else tuple(int(c) for c in args.checkpoints.split(",") if c.strip())
+        )
+        spec = RunSpec(
+            model=args.model,
+            method=args.method,
+            dataset=args.dataset,
+            n_edits=args.n_edits,
+            overrides=_overrides(args),
+            seed=args.seed,
+            on_error=args.on_error,
+            checkpoints=checkpoints,
+            eval_batch_size=args.eval_batch_size,
+            device=args.device,
+            dtype=args.dtype,
+        )
+    torch_seed(args.seed)
+    document = run(args.out, spec, data_dir=args.data, resume=args.resume, force=args.force, progress=not args.quiet)
+    last = document["checkpoints"][-1] if document["checkpoints"] else None
+    if last:
+        for kind, values in last["metrics"].items():
+            shown = ", ".join(f"{name} {value:.3f}" for name, value in values.items() if value is not None)
+            print(f"{kind} after {last['n_edits']} edits: {shown}")
+    print(f"run written to {args.out}")
+    return 0
+
+
+def torch_seed(seed: int) -> None:
+    import torch
+
+    torch.manual_seed(seed)
+
+
+def cmd_log(args) -> int:
+    from .ledger import Ledger
+
+    ledger = Ledger(args.run_dir, create=False)
+    for entry in ledger.entries():
+        data = entry.data
+        if args.json:
+            print(json.dumps(data))
+            continue
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(entry.time))
+        if entry.kind == "edit":
+            request = data["requests"][0]
+            text = request["prompt"].replace("{}", request["subject"])
+            result, decision = data["result"], data["decision"]
+            more = f" (+{len(data['requests']) - 1} in batch)" if len(data["requests"]) > 1 else ""
+            print(
+                f"{stamp}  edit {data['edit_id']:>5}  {text!r} -> {request['target_new']!r}{more}  "
+                f"p={result['target_prob']:.2f} {'ok' if result['success'] else 'MISS'} "
+                f"{'triggered' if decision['triggered'] else ''}"
+            )
+        elif entry.kind == "rejected":
+            print(f"{stamp}  rejected    {data.get('field') or ''}: {data['reason']}")
+        else:
+            print(f"{stamp}  {entry.kind:<6} {data.get('edit_ids', '')}")
+    return 0
+
+
+def _resume_run(args):
+    import torch
+
+    from .editor import Editor
+    from .ledger import Ledger
+    from .models import load_model
+
+    ledger = Ledger(args.run_dir, create=False)
+    manifest = ledger.manifest()
+    if manifest is None:
+        raise FileNotFoundError(f"{args.run_dir}: no manifest.json, not a deltaedit run directory")
+    run_file = Path(args.run_dir) / "run.json"
+    spec = json.loads(run_file.read_text()) if run_file.is_file() else {}
+    name = spec.get("model") or manifest["model_name"]
+    # the base model as the run loaded it: in the same dtype (else its fingerprint differs), by default on its device
+    dtype = getattr(torch, str(manifest.get("dtype")), None)
+    dtype = dtype if isinstance(dtype, torch.dtype) else None
+    model, tokenizer = load_model(name, device=args.device or spec.get("device"), dtype=dtype)
+    return Editor.resume(ledger, model, tokenizer, data_dir=args.data, progress=not args.quiet)
+
+
+def cmd_undo(args) -> int:
+    editor = _resume_run(args)
+    if args.edit is not None:
+        editor.undo(args.edit)
+        print(f"undid edit {args.edit}; {len(editor.applied)} edits remain in force")
+    else:
+        undone = editor.undo_to(None if args.to < 0 else args.to)
+        print(f"undid {len(undone)} edits; {len(editor.applied)} remain in force")
+    return 0
+
+
+def cmd_export(args) -> int:
+    editor = _resume_run(args)
+    out = Path(args.out)
+    if args.edits_only:
+        if out.exists() and not args.force:
+            raise FileExistsError(f"{out} exists; pass --force to overwrite it")
+        path = editor.save_edits(out)
+        print(f"{len(editor.applied)} edits saved to {path} ({path.stat().st_size / 1e6:.2f} MB)")
+    else:
+        path = editor.save_pretrained(out, overwrite=args.force)
+        print(f"edited model ({len(editor.applied)} edits) saved to {path}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import write_report
+
+    path = write_report(args.run_dirs, args.out)
+    print(f"report written to {path}")
+    return 0
+
+
+def cmd_download(args) -> int:
+    import os
+
+    from .data import download
+
+    folder = args.data or os.environ.get("DELTAEDIT_DATA")
+    if not folder:
+        raise ValueError("--data: name the data folder to download into (or set DELTAEDIT_DATA)")
+    path = download(args.name, folder)
+    print(f"{args.name} saved to {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _setup_logging(args.quiet)
+    _setup_logging(getattr(args, "quiet", False))
+    from .editor import EditError
+    from .ledger import LedgerError
     from .models import ModelLoadError
     from .requests import RequestError
 
-    handlers = {"edit": cmd_edit, "demo": cmd_demo, "config": cmd_config}
+    handlers = {
+        "edit": cmd_edit,
+        "demo": cmd_demo,
+        "config": cmd_config,
+        "run": cmd_run,
+        "log": cmd_log,
+        "undo": cmd_undo,
+        "export": cmd_export,
+        "report": cmd_report,
+        "download": cmd_download,
+    }
     try:
         return handlers[args.command](args)
-    except (RequestError, ModelLoadError, ValueError, FileNotFoundError) as error:
+    except (EditError, RequestError, ModelLoadError, LedgerError, ValueError, OSError) as error:
         print(f"deltaedit {args.command}: error: {error}", file=sys.stderr)
         return 2
 

