@@ -142,16 +142,22 @@ def _setup_logging(quiet: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
+def _quiet_transformers(quiet: bool) -> None:
+    """transformers' warnings off; with --quiet its progress bars ("Loading weights") too."""
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    if quiet:
+        transformers.utils.logging.disable_progress_bar()
+
+
 def _load(args):
     import torch
-    import transformers
 
     from .editor import Editor
     from .models import load_model
 
-    transformers.utils.logging.set_verbosity_error()
-    if args.quiet:
-        transformers.utils.logging.disable_progress_bar()
+    _quiet_transformers(args.quiet)
     overrides = _overrides(args)  # before loading the model: a typo in --set fails at once
     torch.manual_seed(0)
     started = time.perf_counter()
@@ -255,6 +261,7 @@ def cmd_demo(args) -> int:
 def cmd_run(args) -> int:
     from .run import RunSpec, run
 
+    _quiet_transformers(args.quiet)
     spec = None
     if not args.resume:
         checkpoints = (
@@ -326,6 +333,7 @@ def _resume_run(args):
     from .ledger import Ledger
     from .models import load_model
 
+    _quiet_transformers(args.quiet)
     ledger = Ledger(args.run_dir, create=False)
     manifest = ledger.manifest()
     if manifest is None:

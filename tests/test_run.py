@@ -1,0 +1,485 @@
+"""The experiment runner (``deltaedit.run``, ``deltaedit run``) end to end on a tiny Llama saved to disk: the run
+directory (ledger, run.json, baseline.json, metrics.json), refusing and replacing existing runs, resume after
+a kill (a real SIGKILL of ``deltaedit run`` in a subprocess, and a simulated kill between an edit and its
+checkpoint) giving exactly the metrics and weights of an uninterrupted run, and ``--on-error`` stop / skip.
+
+Conventions as in test_editor.py / test_ledger.py: subjects come last in their prompts, P0 = I
+(``nullspace_threshold=1e9``), DeltaEdit with ``eta=0`` and a one-edit warm-up so that its orthogonal
+constraint triggers and the threshold tracker is exercised by every replay. The helpers here are shared with
+test_cli.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import corpus_paragraphs, tiny_model
+
+from deltaedit import Editor, Ledger
+from deltaedit.cli import main
+from deltaedit.models import find_parts, load_model, out_weight
+from deltaedit.report import write_report
+from deltaedit.run import RunError, RunSpec, run
+
+LAYERS = [0, 1]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+# (prompt, subject, target_new, target_true): every word is one token of the test vocabulary
+FACTS = [
+    ("The mother tongue of {}", "Danielle Darrieux", "German", "French"),
+    ("The capital city of {}", "France", "Tokyo", "Paris"),
+    ("The headquarters of {}", "Toyota", "Berlin", "Tokyo"),
+    ("The mother tongue of {}", "Mozart", "English", "German"),
+    ("The capital city of {}", "Canada", "Madrid", "Ottawa"),
+    ("The capital city of {}", "Italy", "London", "Rome"),
+    ("The headquarters of {}", "Apple", "Paris", "Canada"),
+    ("The capital city of {}", "Japan", "Rome", "Tokyo"),
+]
+NEIGHBOURS = ["The capital city of Germany", "The mother tongue of Einstein", "The headquarters of Google"]
+
+
+def record(index: int, prompt: str, subject: str, target_new: str, target_true: str | None = None) -> dict:
+    """A user edit record with a paraphrase and two neighbourhood prompts, so every CounterFact metric exists."""
+    return {
+        "case_id": index,
+        "prompt": prompt,
+        "subject": subject,
+        "target_new": target_new,
+        "target_true": target_true,
+        "paraphrase_prompts": [f"She lived in {subject}"],
+        "neighborhood_prompts": [NEIGHBOURS[index % 3], NEIGHBOURS[(index + 1) % 3]],
+    }
+
+
+RECORDS = [record(i, *fact) for i, fact in enumerate(FACTS)]
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def overrides(corpus: Path, **changes) -> dict:
+    """Method options that keep a tiny run fast and its edits successful."""
+    values = {
+        "layers": LAYERS,
+        "stats_corpus": str(corpus),
+        "stats_samples": 64,
+        "stats_max_length": 32,
+        "n_contexts": 1,
+        "context_tokens": 4,
+        "steps": 10,
+        "nullspace_threshold": 1e9,  # P0 = I, see test_editor.py
+        "eta": 0.0,
+        "warmup": 1,
+    }
+    values.update(changes)
+    return values
+
+
+def set_args(options: dict) -> list[str]:
+    """``--set NAME=VALUE`` for each option, written as a user would (``1e9``, ``[0, 1]``, ``0.0``)."""
+    out = []
+    for name, value in options.items():
+        text = f"{value:g}" if isinstance(value, float) else json.dumps(value) if isinstance(value, list) else value
+        out += ["--set", f"{name}={text}"]
+    return out
+
+
+def make_assets(root: Path, tokenizer) -> SimpleNamespace:
+    """A tiny Llama and its tokenizer saved as a model directory, an edit file and a stats corpus."""
+    model_dir = root / "model"
+    tiny_model("llama", n_layers=3, initializer_range=0.2).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    corpus = root / "corpus.txt"
+    corpus.write_text("\n\n".join(corpus_paragraphs()) + "\n", encoding="utf-8")
+    dataset = write_jsonl(root / "edits.jsonl", RECORDS)
+    return SimpleNamespace(root=root, model=model_dir, corpus=corpus, dataset=dataset)
+
+
+def run_args(assets, out: Path, n_edits: int, checkpoints="2,4", dataset=None, **changes) -> list[str]:
+    """``deltaedit run`` arguments for a fast run on the tiny model."""
+    args = ["run", "--model", str(assets.model), "--dataset", str(dataset or assets.dataset)]
+    args += ["--n-edits", str(n_edits), "--out", str(out), "--checkpoints", checkpoints, "--device", "cpu"]
+    return args + ["--quiet", *set_args(overrides(assets.corpus, **changes))]
+
+
+def make_spec(assets, n_edits: int = 6, checkpoints=(2, 4), **changes) -> RunSpec:
+    return RunSpec(
+        model=str(assets.model),
+        dataset=str(assets.dataset),
+        n_edits=n_edits,
+        overrides=overrides(assets.corpus, **changes),
+        checkpoints=checkpoints,
+        device="cpu",
+    )
+
+
+def base_model(assets):
+    """The unedited base model as a run loads it."""
+    return load_model(str(assets.model), device="cpu")
+
+
+def resumed(run_dir: Path, assets) -> Editor:
+    """An Editor holding the run's edits, replayed onto a fresh copy of the base model."""
+    model, tokenizer = base_model(assets)
+    return Editor.resume(run_dir, model, tokenizer, progress=False)
+
+
+def edited_weights(editor: Editor) -> dict[int, torch.Tensor]:
+    return {i: out_weight(editor.parts.out_projs[i]).detach().clone() for i in LAYERS}
+
+
+def same_params(a, b) -> bool:
+    mine = dict(a.named_parameters())
+    return mine.keys() == dict(b.named_parameters()).keys() and all(
+        torch.equal(p, mine[name]) for name, p in b.named_parameters()
+    )
+
+
+def kinds(run_dir: Path) -> list[str]:
+    return [entry.kind for entry in Ledger(run_dir, create=False).entries()]
+
+
+def edit_cases(run_dir: Path) -> list[str]:
+    """The case_ids of the run's edit entries, in order."""
+    entries = Ledger(run_dir, create=False).entries()
+    return [e.data["requests"][0]["case_id"] for e in entries if e.kind == "edit"]
+
+
+TIMING = ("seconds", "eval_seconds")
+
+
+def without_timing(value):
+    """A metrics.json document (or part) with its wall-clock fields dropped."""
+    if isinstance(value, dict):
+        return {k: without_timing(v) for k, v in value.items() if k not in TIMING}
+    if isinstance(value, list):
+        return [without_timing(v) for v in value]
+    return value
+
+
+def assert_close(found, expected, where: str = "", scale: float = 0.0) -> None:
+    """Equal structure; floats equal to float32 rounding of numbers of size ``scale``, the rest exactly."""
+    if isinstance(expected, dict):
+        assert isinstance(found, dict) and found.keys() == expected.keys(), where
+        for key in expected:
+            # noise_E is a difference of sums of size self_E: its rounding error is relative to those
+            size = abs(expected.get("self_E") or 0.0) if key == "noise_E" else 0.0
+            assert_close(found[key], expected[key], f"{where}/{key}", size)
+    elif isinstance(expected, float):
+        assert found == pytest.approx(expected, rel=1e-5, abs=1e-5 * scale + 1e-7), where
+    else:
+        assert found == expected, where
+
+
+def assert_same_metrics(found: dict, expected: dict) -> None:
+    """The metrics.json of a resumed run against an uninterrupted one: the same run record and checkpoints
+    with exactly the same metric values; diagnostics equal up to float32 rounding (self_E / noise_E of the
+    edits that were replayed from the ledger come from the stored copies of the factors and keys, whose
+    memory layout differs from the live tensors', so their dot products may round differently)."""
+    found, expected = without_timing(found), without_timing(expected)
+    assert found["run"] == expected["run"]
+    assert [c["n_edits"] for c in found["checkpoints"]] == [c["n_edits"] for c in expected["checkpoints"]]
+    for mine, theirs in zip(found["checkpoints"], expected["checkpoints"], strict=True):
+        assert mine["metrics"] == theirs["metrics"], mine["n_edits"]
+        assert_close(mine["diagnostics"], theirs["diagnostics"], f"checkpoint {mine['n_edits']}")
+
+
+def metrics(run_dir: Path) -> dict:
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory, tokenizer):
+    return make_assets(tmp_path_factory.mktemp("run-assets"), tokenizer)
+
+
+@pytest.fixture(scope="module")
+def finished(assets, tmp_path_factory):
+    """A finished in-process run of 6 edits with checkpoints at 2 and 4 (and 6, the end); do not modify it."""
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("finished") / "run"
+    document = run(out, make_spec(assets), progress=False)
+    return SimpleNamespace(dir=out, document=document, spec=make_spec(assets))
+
+
+def copy_run(source: Path, tmp_path: Path) -> Path:
+    target = tmp_path / source.name
+    shutil.copytree(source, target)
+    return target
+
+
+# --- one run, in process ------------------------------------------------------------------------------
+
+
+def test_run_writes_ledger_baseline_and_checkpointed_metrics(finished, assets):
+    out = finished.dir
+    assert json.loads((out / "run.json").read_text())["n_edits"] == 6
+    document = metrics(out)
+    assert document == json.loads(json.dumps(finished.document))  # what run() returned is what it wrote
+    assert document["run"]["n_edits"] == 6 and document["run"]["kind"] == "counterfact"
+    assert document["run"]["config"]["layers"] == LAYERS
+    assert [c["n_edits"] for c in document["checkpoints"]] == [2, 4, 6]
+    for checkpoint in document["checkpoints"]:
+        values = checkpoint["metrics"]["counterfact"]
+        assert set(values) == {
+            f"{m}_{v}" for m in ("efficacy", "generalization", "specificity") for v in ("top", "larger")
+        }
+        assert all(value is not None and 0.0 <= value <= 1.0 for value in values.values()), values
+        diagnostics = checkpoint["diagnostics"]
+        assert diagnostics["n_edits"] == checkpoint["n_edits"]
+        assert diagnostics["critical_layer"] == LAYERS[-1] and sorted(diagnostics["layers"]) == ["0", "1"]
+        for name in ("noise_E", "ktb", "delta_norm", "cond", "triggered_share", "eval_seconds"):
+            assert isinstance(diagnostics[name], float), name
+        assert checkpoint["seconds"] > 0
+    # the edits really landed: efficacy by "larger" is high on this setup
+    assert document["checkpoints"][-1]["metrics"]["counterfact"]["efficacy_larger"] >= 0.5
+
+    # one edit line per record, in the order of the file, each with its tensor file
+    assert kinds(out) == ["edit"] * 6
+    assert edit_cases(out) == [str(i) for i in range(6)]
+    assert sorted(p.name for p in (out / "edits").iterdir()) == [f"{i:06d}.safetensors" for i in range(6)]
+    baseline = json.loads((out / "baseline.json").read_text())
+    assert [e["case_id"] for e in baseline["entries"]] == [str(i) for i in range(6)]
+
+
+def test_report_of_a_run(finished, tmp_path):
+    path = write_report([finished.dir], tmp_path / "report")
+    text = path.read_text()
+    assert path.name == "report.md" and "| Model | Method |" in text
+    row = next(line for line in text.splitlines() if line.startswith(f"| {finished.spec.model} |"))
+    assert row.rstrip().endswith("| 6 |")  # the Edits column: the final checkpoint
+    for plot in ("efficacy_top.png", "noise_E.png", "ktb.png"):
+        assert (tmp_path / "report" / plot).read_bytes()[:8] == PNG_SIGNATURE, plot
+        assert f"]({plot})" in text
+
+
+def test_an_existing_run_is_refused_then_replaced_with_force(finished, assets, tmp_path):
+    out = copy_run(finished.dir, tmp_path)
+    before = (out / "index.jsonl").read_bytes()
+    with pytest.raises(RunError, match="already holds a run.*--resume.*--force"):
+        run(out, make_spec(assets, n_edits=2), progress=False)
+    assert (out / "index.jsonl").read_bytes() == before and metrics(out) == metrics(finished.dir)
+
+    document = run(out, make_spec(assets, n_edits=2, checkpoints=()), force=True, progress=False)
+    assert [c["n_edits"] for c in document["checkpoints"]] == [2]
+    assert kinds(out) == ["edit", "edit"]
+    assert sorted(p.name for p in (out / "edits").iterdir()) == ["000000.safetensors", "000001.safetensors"]
+    assert json.loads((out / "run.json").read_text())["n_edits"] == 2
+
+
+def test_resume_refuses_other_settings_and_a_missing_run(finished, assets, tmp_path):
+    out = copy_run(finished.dir, tmp_path)
+    before = (out / "index.jsonl").read_bytes()
+    for other in (replace(finished.spec, n_edits=7), make_spec(assets, steps=11)):
+        with pytest.raises(RunError, match="run.json"):
+            run(out, other, resume=True, progress=False)
+    assert (out / "index.jsonl").read_bytes() == before
+    with pytest.raises(RunError, match="no run.json, so nothing to resume"):
+        run(tmp_path / "nothing", resume=True, progress=False)
+    with pytest.raises(RunError, match="spec"):
+        run(tmp_path / "new")  # a new run needs a spec
+
+
+def test_resume_of_a_finished_run_does_nothing(finished, assets, tmp_path):
+    out = copy_run(finished.dir, tmp_path)
+    index, metrics_bytes = (out / "index.jsonl").read_bytes(), (out / "metrics.json").read_bytes()
+    document = run(out, resume=True, progress=False)
+    assert document == metrics(finished.dir)
+    # the same spec again (layers given as a tuple this time, as run.json cannot tell) is accepted too
+    spec = replace(finished.spec, overrides={**finished.spec.overrides, "layers": tuple(LAYERS)})
+    run(out, spec, resume=True, progress=False)
+    assert (out / "index.jsonl").read_bytes() == index
+    assert (out / "metrics.json").read_bytes() == metrics_bytes
+
+
+def test_resume_after_a_kill_between_an_edit_and_its_checkpoint(finished, assets, tmp_path):
+    """The ledger holds 4 edits but metrics.json only checkpoint 2: the state a kill leaves when it lands after
+    edit 4's index line and before checkpoint 4 was written. The resume evaluates checkpoint 4 on the spot,
+    then edits 5 and 6: metrics and weights are those of the uninterrupted run."""
+    out = copy_run(finished.dir, tmp_path)
+    lines = (out / "index.jsonl").read_bytes().splitlines(keepends=True)
+    (out / "index.jsonl").write_bytes(b"".join(lines[:4]))
+    document = metrics(out)
+    document["checkpoints"] = document["checkpoints"][:1]
+    (out / "metrics.json").write_text(json.dumps(document))
+
+    run(out, resume=True, progress=False)
+
+    assert_same_metrics(metrics(out), metrics(finished.dir))
+    assert edit_cases(out) == edit_cases(finished.dir)
+    assert same_params(resumed(out, assets).model, resumed(finished.dir, assets).model)
+
+
+# --- kill and resume: the CLI in a subprocess, SIGKILLed mid-run ------------------------------------------
+
+N_KILL = 8
+
+
+def child_env() -> dict[str, str]:
+    """The subprocess's environment: offline, this test's cache, one thread (as conftest gives this process,
+    so that both compute the same bits)."""
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    path = os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p)
+    return {
+        **os.environ,
+        "PYTHONPATH": path,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "DELTAEDIT_CACHE": os.environ["DELTAEDIT_CACHE"],
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+    }
+
+
+def committed_edits(run_dir: Path) -> int:
+    """Edit lines in the index that are complete (newline-terminated)."""
+    try:
+        raw = (run_dir / "index.jsonl").read_bytes()
+    except FileNotFoundError:
+        return 0
+    return sum(b'"kind":"edit"' in line for line in raw.split(b"\n")[:-1])
+
+
+def kill_mid_run(args: list[str], run_dir: Path, log_path: Path, at_least: int = 2, timeout: float = 120.0) -> int:
+    """Start ``deltaedit <args>``, SIGKILL it as soon as ``at_least`` edits are committed; returns how many were."""
+    with open(log_path, "wb") as log:
+        child = subprocess.Popen(
+            [sys.executable, "-m", "deltaedit.cli", *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=child_env(),
+        )
+        try:
+            deadline = time.monotonic() + timeout
+            while committed_edits(run_dir) < at_least:
+                if child.poll() is not None:
+                    pytest.fail(f"deltaedit run ended ({child.returncode}) before the kill:\n{log_path.read_text()}")
+                if time.monotonic() > deadline:
+                    pytest.fail(f"no {at_least} edits after {timeout} s:\n{log_path.read_text()}")
+                time.sleep(0.005)
+            child.send_signal(signal.SIGKILL)
+        finally:
+            child.kill()
+            child.wait()
+    assert child.returncode == -signal.SIGKILL
+    return committed_edits(run_dir)
+
+
+def test_a_run_killed_mid_way_and_resumed_equals_an_uninterrupted_run(assets, tmp_path, capsys):
+    # More optimization steps than elsewhere (stop_prob=1: all of them) make each edit take long enough
+    # that the kill lands well before the last one.
+    slow = {"steps": 25, "stop_prob": 1.0}
+    reference, killed = tmp_path / "A" / "run", tmp_path / "B" / "run"  # one name: metrics.json records it
+    assert main(run_args(assets, reference, N_KILL, **slow)) == 0
+    assert f"counterfact after {N_KILL} edits: efficacy_top" in capsys.readouterr().out
+
+    done = kill_mid_run(run_args(assets, killed, N_KILL, **slow), killed, tmp_path / "child.log")
+    assert 2 <= done < N_KILL, f"the kill landed after {done} of {N_KILL} edits; make the edits slower"
+    assert edit_cases(killed) == [str(i) for i in range(done)]
+    if (killed / "metrics.json").exists():  # else the kill came before checkpoint 2 was written
+        assert all(c["n_edits"] <= done for c in metrics(killed)["checkpoints"])
+
+    assert main(["run", "--out", str(killed), "--resume", "--quiet"]) == 0
+    assert f"run written to {killed}" in capsys.readouterr().out
+
+    a, b = metrics(reference), metrics(killed)
+    assert [c["n_edits"] for c in b["checkpoints"]] == [c["n_edits"] for c in a["checkpoints"]] == [2, 4, 8]
+    assert_same_metrics(b, a)
+    assert kinds(killed) == ["edit"] * N_KILL and edit_cases(killed) == edit_cases(reference)
+    assert (killed / "baseline.json").read_text() == (reference / "baseline.json").read_text()
+
+    first, second = resumed(reference, assets), resumed(killed, assets)
+    for layer, weight in edited_weights(first).items():
+        assert torch.equal(weight, edited_weights(second)[layer]), layer
+    assert same_params(first.model, second.model)
+    base, _ = base_model(assets)
+    assert not torch.equal(out_weight(find_parts(base).out_projs[LAYERS[-1]]), edited_weights(first)[LAYERS[-1]])
+
+
+# --- on_error: bad records in the data file and records the model cannot take -----------------------------
+
+MALFORMED_LINE = 3  # the prompt names neither {} nor the subject
+ZERO_WIDTH = 3  # case_id of the record whose target tokenizes to nothing
+
+
+def bad_rows() -> list[dict]:
+    rows = [dict(r) for r in RECORDS[:6]]
+    malformed = {**rows[2], "prompt": "The capital city of somewhere"}
+    zero_width = {**rows[3], "target_new": "\u200b"}
+    return rows[:2] + [malformed, zero_width] + rows[4:]
+
+
+def test_on_error_skip_logs_rejections_and_edits_the_rest(assets, tmp_path, capsys):
+    dataset = write_jsonl(tmp_path / "bad.jsonl", bad_rows())
+    out = tmp_path / "run"
+    assert main([*run_args(assets, out, 6, checkpoints="2", dataset=dataset), "--on-error", "skip"]) == 0
+    capsys.readouterr()
+
+    entries = Ledger(out, create=False).entries()
+    rejected = [e.data for e in entries if e.kind == "rejected"]
+    data_error, request_error = rejected
+    assert data_error["error"] == "DataError" and data_error["field"] == "prompt"
+    assert data_error["line"] == MALFORMED_LINE and data_error["source"] == str(dataset)
+    assert "subject" in data_error["reason"] and f"line {MALFORMED_LINE}" in data_error["reason"]
+    assert request_error["error"] == "RequestError" and request_error["field"] == "target_new"
+    assert request_error["requests"][0]["case_id"] == str(ZERO_WIDTH)
+    assert "nothing" in request_error["reason"]
+    # the other records are edited, in order; the data error is logged before any edit
+    assert [e.kind for e in entries] == ["rejected", "edit", "edit", "rejected", "edit", "edit"]
+    assert edit_cases(out) == ["0", "1", "4", "5"]
+    assert [c["n_edits"] for c in metrics(out)["checkpoints"]] == [2, 4]  # 5 loaded, 4 edited: ends at 4
+    assert main(["log", str(out)]) == 0
+    shown = [line for line in capsys.readouterr().out.splitlines() if "  rejected  " in line]
+    assert len(shown) == 2 and "rejected    prompt: " in shown[0] and "rejected    target_new: " in shown[1]
+
+    # resuming the finished run redoes nothing, rejected records included
+    index = (out / "index.jsonl").read_bytes()
+    assert main(["run", "--out", str(out), "--resume", "--quiet"]) == 0
+    assert (out / "index.jsonl").read_bytes() == index
+
+
+def test_on_error_stop_on_a_malformed_record_names_it_and_edits_nothing(assets, tmp_path, capsys):
+    dataset = write_jsonl(tmp_path / "bad.jsonl", bad_rows())
+    out = tmp_path / "run"
+    assert main(run_args(assets, out, 6, dataset=dataset)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("deltaedit run: error: ")
+    assert str(dataset) in err and f"line {MALFORMED_LINE}" in err and "field 'prompt'" in err
+    assert "on_error" in err  # says how to skip such records
+    assert committed_edits(out) == 0 and not (out / "edits").exists()
+
+    # with the record fixed, --resume starts the run that run.json describes
+    write_jsonl(dataset, [r for i, r in enumerate(bad_rows()) if i not in (2, 3)])
+    assert main(["run", "--out", str(out), "--resume", "--quiet"]) == 0
+    assert edit_cases(out) == ["0", "1", "4", "5"]
+
+
+def test_on_error_stop_on_a_record_the_model_cannot_take(assets, tmp_path, capsys):
+    rows = [r for i, r in enumerate(bad_rows()) if i != 2]  # only the zero-width target is left, 3rd record
+    dataset = write_jsonl(tmp_path / "bad.jsonl", rows)
+    out = tmp_path / "run"
+    assert main(run_args(assets, out, 5, dataset=dataset)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("deltaedit run: error: target_new: ") and "tokenizes to nothing" in err
+
+    entries = Ledger(out, create=False).entries()
+    assert [e.kind for e in entries] == ["edit", "edit", "rejected"]
+    assert entries[-1].data["field"] == "target_new" and entries[-1].data["requests"][0]["case_id"] == "3"
+    # no trace of a half-applied edit: only the two committed edits' tensor files, no temporary files
+    assert sorted(p.name for p in (out / "edits").iterdir()) == ["000000.safetensors", "000001.safetensors"]
+    assert [c["n_edits"] for c in metrics(out)["checkpoints"]] == [2]
+    editor = resumed(out, assets)
+    assert [a.edit_id for a in editor.applied] == [0, 1]
