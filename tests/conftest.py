@@ -186,3 +186,22 @@ def corpus_file(tmp_path) -> Path:
     path = tmp_path / "corpus.txt"
     path.write_text("\n\n".join(corpus_paragraphs()) + "\n", encoding="utf-8")
     return path
+
+
+def fast_config(corpus, **changes) -> dict:
+    """Method options that keep a tiny editor fast and its edits successful: edited layers 0-1, a small
+    statistics pass over ``corpus``, one short context, and P0 = I (``nullspace_threshold=1e9``; a random
+    model's edits rarely become greedy inside a real null space, see test_editor.py)."""
+    config = {
+        "layers": [0, 1],
+        "stats_corpus": str(corpus),
+        "stats_samples": 64,
+        "stats_max_length": 32,
+        "n_contexts": 1,
+        "context_tokens": 4,
+        "steps": 15,
+        "lr": 0.5,
+        "nullspace_threshold": 1e9,
+    }
+    config.update(changes)
+    return config

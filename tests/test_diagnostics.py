@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import fast_config, tiny_model
 from torch import nn
 
 from deltaedit import Editor, EditRequest
@@ -89,19 +89,7 @@ REQUESTS = [
 
 
 def real_editor(tokenizer, corpus, family):
-    config = {
-        "layers": [0, 1],
-        "stats_corpus": str(corpus),
-        "stats_samples": 64,
-        "stats_max_length": 32,
-        "n_contexts": 1,
-        "context_tokens": 4,
-        "steps": 15,
-        "lr": 0.5,
-        "nullspace_threshold": 1e9,  # P0 = I, as in test_editor.py
-        "warmup": 1,
-        "eta": 0.0,  # trigger DeltaEdit's constraint after the first edit
-    }
+    config = fast_config(corpus, warmup=1, eta=0.0)  # eta 0: trigger the constraint after the first edit
     model = tiny_model(family, n_layers=3, initializer_range=0.2)
     return Editor(model, tokenizer, method="deltaedit", config=config, progress=False)
 

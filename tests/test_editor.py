@@ -15,7 +15,7 @@ import logging
 
 import pytest
 import torch
-from conftest import corpus_paragraphs, tiny_model
+from conftest import corpus_paragraphs, fast_config, tiny_model
 from safetensors.torch import load_file
 
 import deltaedit.editor as editor_module
@@ -38,19 +38,7 @@ LAYERS = [0, 1]
 
 
 def base_config(corpus, **changes):
-    config = {
-        "layers": LAYERS,
-        "stats_corpus": str(corpus),
-        "stats_samples": 64,
-        "stats_max_length": 32,
-        "n_contexts": 1,
-        "context_tokens": 4,
-        "steps": 15,
-        "lr": 0.5,
-        "nullspace_threshold": 1e9,  # P0 = I; see the module docstring
-    }
-    config.update(changes)
-    return config
+    return fast_config(corpus, **changes)
 
 
 def new_model(family="llama", model_seed=0):

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import fast_config, tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import deltaedit.ledger as ledger_module
@@ -46,20 +46,7 @@ LAYERS = [0, 1]
 
 
 def settings(corpus, **changes):
-    config = {
-        "layers": LAYERS,
-        "stats_corpus": str(corpus),
-        "stats_samples": 64,
-        "stats_max_length": 32,
-        "n_contexts": 1,
-        "context_tokens": 4,
-        "steps": 10,
-        "nullspace_threshold": 1e9,  # P0 = I, see test_editor.py
-        "eta": 0.0,
-        "warmup": 1,
-    }
-    config.update(changes)
-    return config
+    return fast_config(corpus, **{"steps": 10, "eta": 0.0, "warmup": 1, **changes})
 
 
 def new_model(family="llama", seed=0):

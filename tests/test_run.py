@@ -24,7 +24,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import corpus_paragraphs, tiny_model
+from conftest import corpus_paragraphs, fast_config, tiny_model
 
 from deltaedit import Editor, Ledger
 from deltaedit.cli import main
@@ -72,20 +72,7 @@ def write_jsonl(path: Path, rows) -> Path:
 
 def overrides(corpus: Path, **changes) -> dict:
     """Method options that keep a tiny run fast and its edits successful."""
-    values = {
-        "layers": LAYERS,
-        "stats_corpus": str(corpus),
-        "stats_samples": 64,
-        "stats_max_length": 32,
-        "n_contexts": 1,
-        "context_tokens": 4,
-        "steps": 10,
-        "nullspace_threshold": 1e9,  # P0 = I, see test_editor.py
-        "eta": 0.0,
-        "warmup": 1,
-    }
-    values.update(changes)
-    return values
+    return fast_config(corpus, **{"steps": 10, "eta": 0.0, "warmup": 1, **changes})
 
 
 def set_args(options: dict) -> list[str]:
