@@ -9,7 +9,6 @@ from the model under a seed so that statistics can still be computed anywhere.
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import os
 import re
@@ -18,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from .hooks import cache_of, with_cache
 
 _DOC = re.compile(r"<doc[^>]*>(.*?)</doc>", re.S)
 
@@ -115,10 +116,8 @@ def _sample(model, tokenizer, prompts, length, generator, top_k, device) -> list
     encoded = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
     width = min(len(e) for e in encoded)
     ids = torch.tensor([e[:width] for e in encoded], device=device)
-    # transformers renamed the cache argument (past_key_values -> cache); pass whichever this version takes
-    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     out = model(input_ids=ids, use_cache=True)
-    past, logits = _cache_of(out), out.logits[:, -1]
+    past, logits = cache_of(out), out.logits[:, -1]
     pieces = [ids]
     for _ in range(length):
         top = torch.topk(logits.float().cpu(), top_k, dim=-1)
@@ -126,12 +125,7 @@ def _sample(model, tokenizer, prompts, length, generator, top_k, device) -> list
         choice = torch.multinomial(probs, 1, generator=generator)
         next_ids = top.indices.gather(1, choice).to(device)
         pieces.append(next_ids)
-        out = model(input_ids=next_ids, use_cache=True, **{cache_arg: past})
-        past, logits = _cache_of(out), out.logits[:, -1]
+        out = model(input_ids=next_ids, use_cache=True, **with_cache(model, past))
+        past, logits = cache_of(out), out.logits[:, -1]
     full = torch.cat(pieces, dim=1)
     return [tokenizer.decode(row, skip_special_tokens=True) for row in full]
-
-
-def _cache_of(output):
-    cache = output.get("cache") if hasattr(output, "get") else None
-    return cache if cache is not None else output.past_key_values

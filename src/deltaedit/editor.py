@@ -136,8 +136,10 @@ class Editor:
         progress: bool = True,
         stats_store=None,
         ledger: str | os.PathLike | Ledger | None = None,
+        reuse_prefix: bool = True,
     ):
         self.model = model
+        self.reuse_prefix = reuse_prefix  # False: recompute everything at every optimizer step (for checking)
         self.tokenizer = tokenizer
         self.parts = find_parts(model)
         method_cls = method_class(method)
@@ -331,6 +333,7 @@ class Editor:
                         config.target_settings(),
                         projector,
                         getattr(config, "project_moments", False),
+                        reuse_prefix=self.reuse_prefix,
                     )
                 except FloatingPointError as err:
                     raise EditFailure(str(err), request, "target") from err

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import inspect
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 
 import torch
@@ -59,6 +60,30 @@ def capture_outputs(modules: dict[int, nn.Module]) -> Iterator[dict[int, torch.T
 
 
 @contextmanager
+def capture_raw_output(module: nn.Module) -> Iterator[list]:
+    """Record a module's output exactly as it returned it (tensor or tuple), to hand back later."""
+    captured: list = []
+    handle = module.register_forward_hook(lambda _m, _a, output: captured.append(output))
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def replay_output(blocks: Sequence[nn.Module], output) -> Iterator[None]:
+    """Make consecutive blocks skip their computation: each returns ``output`` (the last block's recorded
+    output), so the blocks above see the stream they would see. Hooks on the blocks still run."""
+    for block in blocks:
+        block.forward = lambda *_args, **_kwargs: output
+    try:
+        yield
+    finally:
+        for block in blocks:
+            del block.forward
+
+
+@contextmanager
 def edit_output(module: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
     """Replace a module's hidden-state output by ``fn(hidden)``."""
     handle = module.register_forward_hook(lambda _m, _a, output: _with_hidden(output, fn(hidden_of(output))))
@@ -86,3 +111,15 @@ def run_until(model: nn.Module, last_module: nn.Module, **inputs) -> None:
     """Run ``model`` on ``inputs`` but stop once ``last_module`` has produced its output."""
     with stop_after(last_module), suppress(StopForward):
         model(**inputs, use_cache=False)
+
+
+def with_cache(module: nn.Module, cache) -> dict:
+    """The keyword that hands ``module`` a key-value cache: transformers renamed it (past_key_values -> cache)."""
+    name = "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+    return {name: cache}
+
+
+def cache_of(output):
+    """The key-value cache a forward pass returned, under either name."""
+    cache = output.get("cache") if hasattr(output, "get") else None
+    return cache if cache is not None else output.past_key_values

@@ -10,16 +10,28 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .hooks import capture_inputs, capture_outputs, edit_output, run_until
+from .hooks import (
+    StopForward,
+    cache_of,
+    capture_inputs,
+    capture_outputs,
+    capture_raw_output,
+    edit_output,
+    replay_output,
+    run_until,
+    stop_after,
+    with_cache,
+)
 from .models import ModelParts
 from .requests import EditRequest
 from .tokens import encode, pad, pad_id, target_ids
@@ -29,14 +41,15 @@ ESSENCE_PROMPT = "{} is a"
 
 @dataclass
 class TargetSettings:
-    """Optimizer settings for the target residual (shared by MEMIT, AlphaEdit, DeltaEdit)."""
+    """Optimizer settings for the target residual (shared by MEMIT, AlphaEdit, DeltaEdit); their defaults
+    live in :class:`~deltaedit.methods.base.MethodConfig`."""
 
-    steps: int = 25
-    lr: float = 0.5
-    weight_decay: float = 1e-3
-    clamp_norm_factor: float = 4.0
-    kl_factor: float = 0.0625
-    stop_prob: float = 0.95
+    steps: int
+    lr: float
+    weight_decay: float
+    clamp_norm_factor: float
+    kl_factor: float
+    stop_prob: float
 
 
 @dataclass
@@ -115,6 +128,85 @@ def read_keys(
     return keys, z
 
 
+class _FullForward:
+    """The straightforward forward pass of the target optimization: the whole batch, every layer, every step."""
+
+    def __init__(self, model, batch, rows, cols, subject):
+        self.model, self.inputs, self.rows, self.cols = model, batch.inputs(), rows, cols
+        self.subject_cols = subject  # where the critical block's output gets the target vector
+
+    def __call__(self) -> torch.Tensor:
+        hidden = self.model.base_model(**self.inputs, use_cache=False).last_hidden_state
+        return hidden[self.rows, self.cols]
+
+
+class _SuffixForward:
+    """The same computation with the part that cannot change computed once per edit.
+
+    The target vector enters at the subject's last token, so with causal attention every earlier token's
+    keys and values stay as they are at every step: they run once (a key-value cache) and each step runs
+    only the tokens from the subject's last one on. Each row is split at its own subject position: the
+    prefixes are right-padded and cached, the suffixes right-padded after them, with the gap masked out and
+    explicit positions, so every real token sees exactly the tokens and positions it sees unsplit.
+    The blocks up to the critical one do not depend on the target vector either: their output on the
+    suffix is computed once too, and at each step those blocks hand it back instead of running.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        blocks: Sequence[nn.Module],
+        sequences: list[list[int]],
+        subject: list[int],
+        rows: torch.Tensor,
+        cols: torch.Tensor,
+        fill: int,
+        device: torch.device,
+    ):
+        split = max(max(subject), 1)
+        n = len(sequences)
+        prefix_ids = torch.full((n, split), fill, dtype=torch.long)
+        prefix_mask = torch.zeros((n, split), dtype=torch.long)
+        for row, (seq, s) in enumerate(zip(sequences, subject, strict=True)):
+            prefix_ids[row, :s] = torch.tensor(seq[:s], dtype=torch.long)
+            prefix_mask[row, :s] = 1
+        seen_mask = prefix_mask.clone()
+        # A row whose prefix is empty attends its first (padding) slot to itself while the prefix runs, so no
+        # attention row is fully masked (which can give NaN keys); the suffix never sees that slot.
+        prefix_mask[prefix_mask.sum(1) == 0, 0] = 1
+        suffix = pad([seq[s:] for seq, s in zip(sequences, subject, strict=True)], fill, device)
+        starts = torch.tensor(subject, device=device)
+        self.model = model
+        with torch.no_grad():
+            out = model.base_model(
+                input_ids=prefix_ids.to(device),
+                attention_mask=prefix_mask.to(device),
+                position_ids=torch.arange(split, device=device).expand(n, split),
+                use_cache=True,
+            )
+        self.cache = cache_of(out)
+        self.inputs = {
+            "input_ids": suffix.input_ids,
+            "attention_mask": torch.cat([seen_mask.to(device), suffix.attention_mask], dim=1),
+            "position_ids": starts[:, None] + torch.arange(suffix.input_ids.shape[1], device=device),
+        }
+        self.rows, self.cols = rows, cols - starts[rows]
+        self.subject_cols = torch.zeros(n, dtype=torch.long, device=device)
+        self.blocks = blocks
+        with torch.no_grad(), capture_raw_output(blocks[-1]) as captured, stop_after(blocks[-1]), suppress(StopForward):
+            self._run()
+        self.block_output = captured[0]
+
+    def _run(self):
+        cache = copy.deepcopy(self.cache)  # each run appends its suffix to a fresh copy of the prefix
+        base = self.model.base_model
+        return base(**self.inputs, **with_cache(base, cache), use_cache=True).last_hidden_state
+
+    def __call__(self) -> torch.Tensor:
+        with replay_output(self.blocks, self.block_output):
+            return self._run()[self.rows, self.cols]
+
+
 def optimize_target(
     model: nn.Module,
     parts: ModelParts,
@@ -125,14 +217,19 @@ def optimize_target(
     settings: TargetSettings,
     projector: torch.Tensor | None = None,
     project_moments: bool = False,
+    reuse_prefix: bool = True,
 ) -> TargetResult:
-    """Find ``delta`` so that adding it at ``layer``'s output makes the model say ``target_new``."""
+    """Find ``delta`` so that adding it at ``layer``'s output makes the model say ``target_new``.
+
+    ``reuse_prefix`` runs the tokens before the subject's last one once per edit instead of at every step
+    (same result up to float rounding; False is the straightforward path, kept to check against).
+    """
     device = input_device(model)
     t_ids = target_ids(tokenizer, request)
     rewrites = [encode(tokenizer, request.prompt, request.subject, prefix=c) for c in contexts]
     essence = encode(tokenizer, ESSENCE_PROMPT, request.subject)
-    batch = pad([e.ids + t_ids[:-1] for e in rewrites] + [essence.ids], pad_id(tokenizer), device)
-    subject = torch.tensor([e.subject_index for e in rewrites] + [essence.subject_index], device=device)
+    sequences = [e.ids + t_ids[:-1] for e in rewrites] + [essence.ids]
+    subject_index = [e.subject_index for e in rewrites] + [essence.subject_index]
 
     # Positions read by the loss: each target token on each rewrite prompt, then the essence prompt's end.
     n_t = len(t_ids)
@@ -143,11 +240,18 @@ def optimize_target(
     rows = torch.cat([rows, torch.tensor([len(rewrites)], device=device)])
     cols = torch.cat([cols, torch.tensor([len(essence.ids) - 1], device=device)])
 
+    if reuse_prefix:
+        blocks = parts.layers[: layer + 1]
+        forward = _SuffixForward(model, blocks, sequences, subject_index, rows, cols, pad_id(tokenizer), device)
+    else:
+        batch = pad(sequences, pad_id(tokenizer), device)
+        forward = _FullForward(model, batch, rows, cols, torch.tensor(subject_index, device=device))
+
     block = parts.layers[layer]
     block_device = parts.out_projs[layer].weight.device
     delta = torch.zeros(parts.d_model, device=block_device, requires_grad=True)
-    all_rows = torch.arange(batch.input_ids.shape[0], device=block_device)
-    subject_b = subject.to(block_device)
+    all_rows = torch.arange(len(sequences), device=block_device)
+    subject_b = forward.subject_cols.to(block_device)
     z_init: list[torch.Tensor] = []
 
     def add_delta(hidden: torch.Tensor) -> torch.Tensor:
@@ -164,7 +268,7 @@ def optimize_target(
     steps, prob = 0, 0.0
     with frozen(model), edit_output(block, add_delta), torch.enable_grad():
         for step in range(settings.steps + 1):
-            logits = logits_at(model, parts, batch.inputs(), rows, cols).float()
+            logits = final_logits(model, parts, forward()).float()
             log_probs = F.log_softmax(logits, dim=-1)
             token_lp = log_probs[:-1].gather(1, labels[:, None]).squeeze(1).reshape(len(rewrites), n_t)
             nll_each = -token_lp.mean(1)

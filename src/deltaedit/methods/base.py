@@ -68,9 +68,8 @@ class MethodConfig:
         return self.layers[-1]
 
     def target_settings(self) -> TargetSettings:
-        return TargetSettings(
-            self.steps, self.lr, self.weight_decay, self.clamp_norm_factor, self.kl_factor, self.stop_prob
-        )
+        names = [f.name for f in dataclasses.fields(TargetSettings)]
+        return TargetSettings(**{name: getattr(self, name) for name in names})
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)

@@ -1,0 +1,80 @@
+"""The target-vector optimization: the reused-prefix path equals the straightforward one.
+
+``optimize_target(reuse_prefix=True)`` runs the tokens before the subject's last one, and the blocks up to
+the critical one, once per edit; ``reuse_prefix=False`` runs the whole batch through every block at every
+step. Same operations on the same numbers in a different grouping: the vectors agree to float32 rounding
+(relative 1e-4 after ten Adam steps; measured 3e-7..3e-6 here, 1.4e-6 on SmolLM2).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import FAMILIES, build_tokenizer, tiny_model
+from tokenizers import processors
+
+from deltaedit.models import find_parts
+from deltaedit.requests import EditRequest
+from deltaedit.target import TargetSettings, optimize_target
+
+SETTINGS = TargetSettings(steps=8, lr=0.5, weight_decay=1e-3, clamp_norm_factor=4.0, kl_factor=0.0625, stop_prob=1.0)
+CONTEXTS = ["", "The old city was small . ", "I lived there . "]
+
+
+def both_paths(model, tokenizer, request, layer=1, projector=None, settings=SETTINGS):
+    parts = find_parts(model)
+    plain = optimize_target(model, parts, tokenizer, request, CONTEXTS, layer, settings, projector, reuse_prefix=False)
+    reused = optimize_target(model, parts, tokenizer, request, CONTEXTS, layer, settings, projector, reuse_prefix=True)
+    return plain, reused
+
+
+def assert_same(plain, reused):
+    assert plain.steps == reused.steps
+    assert torch.allclose(plain.z_init, reused.z_init, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(plain.delta, reused.delta, rtol=1e-4, atol=1e-6 * plain.delta.norm().item())
+    assert reused.train_prob == pytest.approx(plain.train_prob, rel=1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_reused_prefix_matches_the_full_forward(family, tokenizer):
+    request = EditRequest("The mother tongue of {} is", "Danielle Darrieux", "English German")  # two target tokens
+    plain, reused = both_paths(tiny_model(family), tokenizer, request)
+    assert plain.delta.norm() > 0
+    assert_same(plain, reused)
+
+
+def test_reused_prefix_with_a_subject_at_the_first_token():
+    """Without a BOS token a one-token subject opens the essence prompt ("{} is a"): that row has no prefix."""
+    tokenizer = build_tokenizer()
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(single="$A", special_tokens=[])
+    assert tokenizer("Paris is a")["input_ids"][0] == tokenizer.convert_tokens_to_ids("Paris")
+    request = EditRequest("{} is the capital of", "Paris", "Italy")
+    plain, reused = both_paths(tiny_model("llama"), tokenizer, request)
+    assert torch.isfinite(reused.delta).all()
+    assert_same(plain, reused)
+
+
+def test_reused_prefix_with_a_projector_and_the_last_layer(tokenizer):
+    """Editing the top block (nothing above it to run) under DeltaEdit's constraint gives the same vector."""
+    model = tiny_model("gpt2")
+    d_model = model.config.n_embd
+    basis = torch.linalg.qr(torch.randn(d_model, 4, generator=torch.Generator().manual_seed(0)))[0]
+    projector = torch.eye(d_model) - basis @ basis.T
+    request = EditRequest("The capital of {} is", "France", "Rome")
+    plain, reused = both_paths(model, tokenizer, request, layer=2, projector=projector)
+    assert basis.T @ reused.delta == pytest.approx(torch.zeros(4), abs=1e-5)
+    assert_same(plain, reused)
+
+
+def test_reused_prefix_leaves_the_model_as_it_was(tokenizer):
+    """The blocks' forward methods are patched only for the duration of a step."""
+    model = tiny_model("llama")
+    before = {name: p.clone() for name, p in model.state_dict().items()}
+    ids = torch.tensor([tokenizer("The capital of France is")["input_ids"]])
+    with torch.no_grad():
+        logits = model(ids).logits
+    both_paths(model, tokenizer, EditRequest("The capital of {} is", "France", "Rome"))
+    assert all("forward" not in vars(block) for block in model.model.layers)
+    assert all(torch.equal(before[name], p) for name, p in model.state_dict().items())
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, logits)
