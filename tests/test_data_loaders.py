@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
+import shlex
 import shutil
 import urllib.error
 import urllib.request
@@ -14,8 +16,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from deltaedit.cli import build_parser
 from deltaedit.data import (
     DATA_ENV,
+    DOWNLOADS,
     DataError,
     EditRecord,
     download,
@@ -280,7 +284,7 @@ def test_no_data_dir_says_how_to_give_one(monkeypatch):
         load_records("counterfact")
     message = str(info.value)
     assert "--data DIR" in message and DATA_ENV in message
-    assert "counterfact/counterfact-edit.json" in message and "deltaedit data download counterfact" in message
+    assert "counterfact/counterfact-edit.json" in message and "`deltaedit download counterfact --data DIR`" in message
 
 
 def test_dataset_missing_from_data_dir(tmp_path):
@@ -288,7 +292,20 @@ def test_dataset_missing_from_data_dir(tmp_path):
         load_records("zsre", data_dir=tmp_path)
     message = str(info.value)
     assert str(tmp_path / "zsre" / "zsre_mend_eval_portability_gpt4.json") in message
-    assert str(tmp_path / "zsre_mem_eval.json") in message and "deltaedit data download zsre" in message
+    assert str(tmp_path / "zsre_mem_eval.json") in message and "`deltaedit download zsre --data DIR`" in message
+
+
+@pytest.mark.parametrize("name", ["counterfact", "zsre", "counterfact-train"])
+def test_download_hint_is_a_command_the_cli_accepts(tmp_path, name):
+    """The command quoted in a missing-dataset error parses as ``deltaedit download`` (not a made-up subcommand)."""
+    with pytest.raises(DataError) as info:
+        load_records(name, data_dir=tmp_path)
+    quoted = re.findall(r"`deltaedit ([^`]*)`", str(info.value))
+    assert len(quoted) == 1, str(info.value)
+    argv = shlex.split(quoted[0].replace("NAME", "counterfact").replace("DIR", str(tmp_path)))
+    args = build_parser().parse_args(argv)  # SystemExit on an unknown subcommand
+    assert args.command == "download" and args.data == str(tmp_path)
+    assert args.name == (name if name in DOWNLOADS else "counterfact")
 
 
 def test_unknown_path_lists_dataset_names(tmp_path):

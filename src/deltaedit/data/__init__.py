@@ -112,10 +112,11 @@ def find_data(name_or_path: str | os.PathLike, data_dir: str | os.PathLike | Non
 
 
 def _download_hint(name: str) -> str:
+    """How to fetch the file, as a command the CLI accepts (``deltaedit download``; test_data_loaders parses it)."""
     if name in DOWNLOADS:
-        return f"; `deltaedit data download {name} --data DIR` fetches MEMIT's copy"
+        return f"; `deltaedit download {name} --data DIR` fetches MEMIT's copy"
     fetchable = ", ".join(DOWNLOADS)
-    return f"; it comes with the shared data folder (`deltaedit data download NAME` fetches only {fetchable})"
+    return f"; it comes with the shared data folder (`deltaedit download NAME --data DIR` fetches only {fetchable})"
 
 
 def download(name: str, dest_dir: str | os.PathLike, timeout: float = 60.0) -> Path:
