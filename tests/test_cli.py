@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_model
 from test_run import (
     LAYERS,
     PNG_SIGNATURE,
@@ -31,6 +32,8 @@ from transformers import AutoModelForCausalLM
 
 from deltaedit import Editor, Ledger
 from deltaedit.cli import main
+from deltaedit.defaults import coerce_overrides, default_config, read_overrides
+from deltaedit.methods import DeltaEdit, DeltaEditConfig
 from deltaedit.models import find_parts, out_weight
 
 N_EDITS = 6
@@ -221,6 +224,64 @@ def test_config_prints_the_effective_options(assets, capsys):
     assert config["steps"] == 3 and config["layers"] == [0, 2]
     assert config["nullspace_threshold"] == 1e-3  # YAML 1.1 would read "1e-3" as a string
     assert "eta" not in config  # AlphaEdit's options
+
+
+CONFIG_FILES = {
+    # PyYAML (YAML 1.1) reads 1e-3 and 1e9 as strings; a JSON file may quote its numbers
+    "yaml": "lr: 1e-3\nweight_decay: 5e-4\nnullspace_threshold: 1e9\nstats_samples: 1e2\nsteps: 3\nlayers: [0, 2]\n",
+    "json": '{"lr": "1e-3", "weight_decay": 5e-4, "nullspace_threshold": "1e9", "stats_samples": "100", '
+    '"steps": 3, "layers": [0, 2]}',
+}
+
+
+@pytest.mark.parametrize("suffix", sorted(CONFIG_FILES))
+def test_config_file_values_become_numbers(assets, tmp_path, capsys, suffix):
+    path = tmp_path / f"options.{suffix}"
+    path.write_text(CONFIG_FILES[suffix])
+    args = ["config", "--model", str(assets.model), "--device", "cpu", "--quiet", "--config", str(path)]
+    assert main(args) == 0
+    config = json.loads(capsys.readouterr().out)
+    assert config["lr"] == 1e-3 and config["weight_decay"] == 5e-4 and config["nullspace_threshold"] == 1e9
+    assert config["stats_samples"] == 100 and isinstance(config["stats_samples"], int)
+    assert config["steps"] == 3 and config["layers"] == [0, 2]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("lr: fast\n", "lr: expected a number, got 'fast' in config file "),
+        ("steps: 2.5\n", "steps: expected an integer, got 2.5 in config file "),
+        ("kl_factor: true\n", "kl_factor: expected a number, got True in config file "),
+        ("project_moments: maybe\n", "project_moments: expected true or false, got 'maybe' in config file "),
+        ("layers: [0, one]\n", "layers: expected an integer, got 'one' in config file "),
+    ],
+)
+def test_a_config_file_value_of_the_wrong_type_is_named_before_loading(tmp_path, capsys, text, message):
+    path = tmp_path / "options.yaml"
+    path.write_text(text)
+    assert main(["config", "--model", str(tmp_path / "no-model"), "--quiet", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"deltaedit config: error: {message}{path}"), err
+    assert "could not load" not in err  # refused before the model was loaded
+
+
+def test_set_value_of_the_wrong_type_is_named(tmp_path, capsys):
+    assert main(["config", "--model", str(tmp_path / "no-model"), "--quiet", "--set", "lr=fast"]) == 2
+    assert "deltaedit config: error: lr: expected a number, got 'fast' in --set 'lr=fast'" in capsys.readouterr().err
+
+
+def test_overrides_are_converted_by_the_option_type(tmp_path):
+    """read_overrides and default_config (the API path) convert by the method's field types; ints stay ints for
+    float options, so the fingerprint of a config written with ``l2: 1`` does not change."""
+    path = tmp_path / "alpha.yaml"
+    path.write_text("nullspace_threshold: 2e-2\nl2: 1\nstats_corpus: null\nseed: '7'\n")
+    values = read_overrides(path, "alphaedit")
+    assert values == {"nullspace_threshold": 0.02, "l2": 1, "stats_corpus": None, "seed": 7}
+    assert isinstance(values["l2"], int)
+    with pytest.raises(ValueError, match="^steps: expected an integer, got 'x'; write a plain number, e.g. steps: 25$"):
+        coerce_overrides({"steps": "x"}, DeltaEditConfig)
+    config = default_config(tiny_model("llama"), DeltaEdit, {"lr": "1e-3", "layers": "0,1"})
+    assert config.lr == 1e-3 and config.layers == (0, 1)
 
 
 @pytest.mark.parametrize(

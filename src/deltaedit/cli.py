@@ -38,21 +38,26 @@ def _exponent_float(value: Any) -> Any:
 
 
 def _overrides(args) -> dict[str, Any]:
-    from .defaults import read_overrides
+    """``--config`` then ``--set`` values, each converted to its option's type (a bad value fails here, before
+    the model is loaded)."""
+    from .defaults import coerce_overrides, read_overrides
+    from .methods import method_class
 
+    config_class = method_class(args.method).config_class
     values: dict[str, Any] = {}
     if args.config:
-        values.update(read_overrides(args.config))
+        values.update(read_overrides(args.config, args.method))
     for item in args.set or []:
         if "=" not in item:
             raise SystemExit(f"--set: expected NAME=VALUE, got {item!r}")
         name, value = item.split("=", 1)
         try:
-            values[name.strip()] = _parse_value(value)
+            parsed = {name.strip(): _parse_value(value)}
         except yaml.YAMLError:
             raise SystemExit(
                 f"--set {name.strip()}: cannot read {value!r}; give a number, true/false, a string or a list: [4,5,6]"
             ) from None
+        values.update(coerce_overrides(parsed, config_class, where=f" in --set {item!r}"))
     return values
 
 

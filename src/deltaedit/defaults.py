@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
+import types
+import typing
+from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from .methods import method_class
 from .methods.base import EditMethod, MethodConfig
 
 
@@ -46,15 +52,79 @@ def default_config(model, method_cls: type[EditMethod], overrides: dict[str, Any
         values["layers"] = heuristic_layers(n_layers)
     fields = set(method_cls.config_class.__dataclass_fields__)
     values = {k: v for k, v in values.items() if k in fields}
-    values.update(overrides or {})
+    values.update(coerce_overrides(overrides or {}, method_cls.config_class))
     return method_cls.config_class.from_dict(values)
 
 
-def read_overrides(path: str | Path) -> dict[str, Any]:
-    """Config overrides from a YAML or JSON file (a flat mapping of option names to values)."""
+def read_overrides(path: str | Path, method: str = "deltaedit") -> dict[str, Any]:
+    """Config overrides from a YAML or JSON file (a flat mapping of option names to values), each value
+    converted to the type of ``method``'s option of that name (see :func:`coerce_overrides`)."""
     path = Path(path)
     text = path.read_text()
     data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     if not isinstance(data, dict):
         raise ValueError(f"config file {path}: expected a mapping of option names to values")
-    return data
+    return coerce_overrides(data, method_class(method).config_class, where=f" in config file {path}")
+
+
+def coerce_overrides(values: Mapping[str, Any], config_class: type[MethodConfig], where: str = "") -> dict[str, Any]:
+    """``values`` with each option converted to its config field's type.
+
+    Why: PyYAML follows YAML 1.1, which reads ``1e-3`` or ``1e9`` (no dot, or no sign in the exponent) as
+    strings, and a string ``lr`` would only fail deep inside the optimizer. Numbers written as text become
+    numbers, an integral float becomes an int for an int option, ints stay ints for float options (so the
+    config fingerprint of an existing run does not change); anything else that does not fit raises
+    ``ValueError`` naming the option. Names that are not options pass through (``from_dict`` names them).
+    """
+    hints = typing.get_type_hints(config_class)
+    out = dict(values)
+    for option in dataclasses.fields(config_class):
+        if option.name in out:
+            out[option.name] = _coerce(option.name, out[option.name], hints[option.name], where)
+    return out
+
+
+def _coerce(name: str, value: Any, hint: Any, where: str) -> Any:
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (hint,) = [a for a in args if a is not type(None)]  # the config's unions are all "X | None"
+        args = typing.get_args(hint)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+            return value.strip().lower() == "true"
+        raise ValueError(f"{name}: expected true or false, got {value!r}{where}")
+    if hint is int:
+        number = _number(name, value, "an integer", "25", where)
+        if isinstance(number, float):
+            if not (math.isfinite(number) and number.is_integer()):
+                raise ValueError(f"{name}: expected an integer, got {value!r}{where}")
+            number = int(number)
+        return number
+    if hint is float:
+        return _number(name, value, "a number", "0.001 or 1e-3", where)
+    if typing.get_origin(hint) is tuple and args[:1] == (int,):  # layers: a list of ints (or one, or "4,5,6")
+        items = value.split(",") if isinstance(value, str) else value
+        if isinstance(items, int | float) and not isinstance(items, bool):
+            items = [items]
+        if not isinstance(items, list | tuple):
+            raise ValueError(f"{name}: expected a list of integers such as [4, 5, 6], got {value!r}{where}")
+        return [_coerce(name, item, int, where) for item in items]
+    return value
+
+
+def _number(name: str, value: Any, kind: str, example: str, where: str) -> int | float:
+    """An int or float from a number or its text; bools and other types are refused."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        text = value.strip()
+        for parse in (int, float):
+            try:
+                return parse(text)
+            except ValueError:
+                pass
+    raise ValueError(f"{name}: expected {kind}, got {value!r}{where}; write a plain number, e.g. {name}: {example}")
