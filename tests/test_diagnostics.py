@@ -72,6 +72,27 @@ def test_two_edits_by_hand():
     assert d["critical_layer"] == 0 and list(d["layers"]) == ["0"]
 
 
+def test_values_do_not_depend_on_the_factors_memory_layout():
+    """A live edit's d_ff x 1 factors may carry the strides of a transposed row, (1, d_ff); the ledger's copies
+    have (1, 1). Both are 'contiguous', but matmul picks its kernel by strides: the diagnostics must still be
+    bitwise the same, or a resumed run's metrics.json differs from an uninterrupted one's (~1e-7)."""
+    g = torch.Generator().manual_seed(0)
+    d_model, d_ff = 32, 64
+    w0 = torch.randn(d_model, d_ff, generator=g)
+    edits = [
+        (torch.randn(d_model, 1, generator=g), torch.randn(d_ff, 1, generator=g), torch.randn(d_ff, 1, generator=g))
+        for _ in range(3)
+    ]
+
+    def as_live(t: torch.Tensor) -> torch.Tensor:
+        return t.clone().as_strided(t.shape, (1, t.shape[0]))
+
+    stored = diagnose(stand_in_editor([(a, b, k, False, 0) for a, b, k in edits], w0))
+    live = diagnose(stand_in_editor([(a, as_live(b), as_live(k), False, 0) for a, b, k in edits], w0))
+    assert as_live(edits[0][1]).stride() == (1, d_ff) and torch.equal(as_live(edits[0][1]), edits[0][1])
+    assert live == stored
+
+
 def test_no_edits_and_singular_weights():
     editor = stand_in_editor([], torch.zeros(2, 3))
     d = diagnose(editor)

@@ -45,6 +45,14 @@ def condition_number(weight: torch.Tensor) -> float | None:
     return _finite(values.max().item() / smallest) if smallest > 0 else None
 
 
+def _row_major(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A float32 copy with row-major strides. A live edit's d_ff x 1 factors can be views with stride (1, d_ff)
+    while the ledger's copies have (1, 1): both count as contiguous, yet matmul picks its kernel by the strides
+    and the dot products round differently (~1e-7 relative). Copies make a resumed run's diagnostics bitwise
+    those of an uninterrupted one."""
+    return torch.empty(tensor.shape, dtype=torch.float32, device=device).copy_(tensor)
+
+
 def layer_diagnostics(editor, layer: int, condition: bool = True) -> dict[str, float | int | None]:
     """The §3 statistics of one edited layer (see the module docstring)."""
     delta = editor.weight_delta(layer)
@@ -54,8 +62,7 @@ def layer_diagnostics(editor, layer: int, condition: bool = True) -> dict[str, f
         update = applied.updates.get(layer)
         if update is None:  # an edit that did not touch this layer
             continue
-        k = update.keys.to(device, torch.float32)
-        left, right = update.left.to(device, torch.float32), update.right.to(device, torch.float32)
+        k, left, right = (_row_major(t, device) for t in (update.keys, update.left, update.right))
         self_terms.append(((left @ (right.T @ k)) ** 2).sum(0))  # ||Delta_e k||² per request
         keys.append(k)
         rights.append(right)
