@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -28,6 +29,7 @@ from conftest import corpus_paragraphs, fast_config, tiny_model
 
 from deltaedit import Editor, Ledger
 from deltaedit.cli import main
+from deltaedit.data import DATA_ENV
 from deltaedit.models import find_parts, load_model, out_weight
 from deltaedit.report import write_report
 from deltaedit.run import RunError, RunSpec, run
@@ -379,6 +381,94 @@ def test_a_run_killed_mid_way_and_resumed_equals_an_uninterrupted_run(assets, tm
     assert same_params(first.model, second.model)
     base, _ = base_model(assets)
     assert not torch.equal(out_weight(find_parts(base).out_projs[LAYERS[-1]]), edited_weights(first)[LAYERS[-1]])
+
+
+# --- the data folder: recorded in run.json, reused or checked on resume ---------------------------------
+
+
+def wikipedia_folder(root: Path, paragraphs: list[str]) -> Path:
+    """A data folder whose ``wikipedia/`` text feeds the key statistics when ``stats_corpus`` is not set."""
+    (root / "wikipedia").mkdir(parents=True)
+    (root / "wikipedia" / "wiki_00").write_text("\n\n".join(paragraphs) + "\n", encoding="utf-8")
+    return root
+
+
+def cut_to_two_edits(run_dir: Path) -> None:
+    """The state a kill leaves after edit 2 and its checkpoint."""
+    lines = (run_dir / "index.jsonl").read_bytes().splitlines(keepends=True)
+    (run_dir / "index.jsonl").write_bytes(b"".join(lines[:2]))
+    document = metrics(run_dir)
+    document["checkpoints"] = document["checkpoints"][:1]
+    (run_dir / "metrics.json").write_text(json.dumps(document))
+
+
+def test_resume_reuses_the_recorded_data_folder_and_refuses_another(assets, tmp_path, monkeypatch):
+    """Statistics from Wikipedia under the data folder: a resume given no folder takes the recorded one (and ends
+    exactly as the uninterrupted run); another folder, by data_dir or $DELTAEDIT_DATA, is refused untouched."""
+    monkeypatch.delenv(DATA_ENV, raising=False)
+    folder = wikipedia_folder(tmp_path / "data-a", corpus_paragraphs())
+    other = wikipedia_folder(tmp_path / "data-b", corpus_paragraphs()[::-1][:40])
+    # a real null space (P0 = I elsewhere in these tests): the edits depend on the statistics
+    spec = make_spec(
+        assets, n_edits=4, checkpoints=(2,), stats_corpus=None, nullspace_threshold=1e-2, nullspace_mode="relative"
+    )
+    reference = tmp_path / "A" / "run"
+    run(reference, spec, data_dir=str(folder), progress=False)
+    assert json.loads((reference / "run.json").read_text())["data_dir"] == str(folder.resolve())
+
+    out = copy_run(reference, tmp_path / "B")
+    cut_to_two_edits(out)
+    before = {name: (out / name).read_bytes() for name in ("index.jsonl", "metrics.json", "run.json")}
+    with pytest.raises(RunError) as info:
+        run(out, resume=True, data_dir=str(other), progress=False)
+    message = str(info.value)
+    assert message.startswith(f"--data (data_dir=): the run used the data folder {folder.resolve()}")
+    assert f"not {other.resolve()}" in message and f"Resume with --data {folder.resolve()} or without --data" in message
+    monkeypatch.setenv(DATA_ENV, str(other))
+    with pytest.raises(RunError, match=rf"^\${DATA_ENV}: the run used the data folder "):
+        run(out, resume=True, progress=False)
+    assert {name: (out / name).read_bytes() for name in before} == before
+
+    monkeypatch.setenv(DATA_ENV, str(folder))  # the same folder is fine; so is none at all
+    run(out, spec, resume=True, data_dir=str(tmp_path / "data-a" / ".." / "data-a"), progress=False)
+    cut_to_two_edits(out)
+    monkeypatch.delenv(DATA_ENV)
+    run(out, resume=True, progress=False)
+    assert_same_metrics(metrics(out), metrics(reference))
+    assert same_params(resumed(out, assets).model, resumed(reference, assets).model)
+
+    folder.rename(tmp_path / "moved")
+    missing = re.escape(f"data folder {folder.resolve()}, which does not exist now")
+    with pytest.raises(RunError, match=f'{missing}.*set "data_dir" in '):
+        run(out, resume=True, progress=False)
+
+
+def test_a_run_without_a_data_folder_is_not_resumed_with_one(assets, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv(DATA_ENV, raising=False)
+    out = tmp_path / "run"
+    assert main(run_args(assets, out, 2, checkpoints="2")) == 0
+    assert json.loads((out / "run.json").read_text())["data_dir"] is None
+    index = (out / "index.jsonl").read_bytes()
+    other = wikipedia_folder(tmp_path / "data", corpus_paragraphs())
+
+    monkeypatch.setenv(DATA_ENV, str(other))
+    assert main(["run", "--out", str(out), "--resume", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"deltaedit run: error: ${DATA_ENV}: the run was started without a data folder")
+    assert f"resume without --data and with {DATA_ENV} unset" in err
+    monkeypatch.delenv(DATA_ENV)
+    assert main(["export", str(out), "--out", str(tmp_path / "model"), "--data", str(other), "--quiet"]) == 2
+    assert "deltaedit export: error: --data (data_dir=): the run was started without" in capsys.readouterr().err
+    assert (out / "index.jsonl").read_bytes() == index and not (tmp_path / "model").exists()
+
+    assert main(["run", "--out", str(out), "--resume", "--quiet"]) == 0
+    # a run.json written before the folder was recorded is not checked
+    spec = json.loads((out / "run.json").read_text())
+    del spec["data_dir"]
+    (out / "run.json").write_text(json.dumps(spec))
+    monkeypatch.setenv(DATA_ENV, str(other))
+    assert main(["run", "--out", str(out), "--resume", "--quiet"]) == 0
+    assert (out / "index.jsonl").read_bytes() == index
 
 
 # --- on_error: bad records in the data file and records the model cannot take -----------------------------

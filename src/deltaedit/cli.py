@@ -337,8 +337,10 @@ def _resume_run(args):
     from .editor import Editor
     from .ledger import Ledger
     from .models import load_model
+    from .run import resume_data_dir
 
     _quiet_transformers(args.quiet)
+    data_dir = resume_data_dir(args.run_dir, args.data)  # the run's own data folder: the same key statistics
     ledger = Ledger(args.run_dir, create=False)
     manifest = ledger.manifest()
     if manifest is None:
@@ -350,7 +352,7 @@ def _resume_run(args):
     dtype = getattr(torch, str(manifest.get("dtype")), None)
     dtype = dtype if isinstance(dtype, torch.dtype) else None
     model, tokenizer = load_model(name, device=args.device or spec.get("device"), dtype=dtype)
-    return Editor.resume(ledger, model, tokenizer, data_dir=args.data, progress=not args.quiet)
+    return Editor.resume(ledger, model, tokenizer, data_dir=data_dir, progress=not args.quiet)
 
 
 def cmd_undo(args) -> int:

@@ -3,8 +3,8 @@
 The run directory is the edit ledger (``manifest.json``, ``index.jsonl``: one JSON line per edit or rejected
 record, ``edits/``) plus three files of its own:
 
-* ``run.json``: what was asked (model, method, overrides, dataset, number of edits, seed), so ``--resume``
-  needs nothing but the directory;
+* ``run.json``: what was asked (model, method, overrides, dataset, number of edits, seed) and the data folder
+  used (``data_dir``), so ``--resume`` needs nothing but the directory;
 * ``baseline.json``: what the unedited model predicted, the reference of specificity and of ``o^c``;
 * ``metrics.json``: metrics and diagnostics at checkpoints (schema in docs/metrics.md).
 
@@ -21,11 +21,11 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .data import DataError, load_records
+from .data import DATA_ENV, DataError, load_records
 from .diagnostics import diagnose
 from .editor import Editor
 from .evaluate import Baseline, baseline, evaluate
@@ -56,6 +56,9 @@ class RunSpec:
     eval_batch_size: int = 32
     device: str | None = None
     dtype: str | None = None
+    # The data folder the run used (absolute; None: none): datasets named by name and, when stats_corpus is
+    # None, the Wikipedia text of the key statistics come from it. Filled in by run(), checked on resume.
+    data_dir: str | None = None
 
     def __post_init__(self) -> None:
         if self.n_edits < 1:
@@ -75,6 +78,57 @@ class RunSpec:
 def _as_json(spec: RunSpec) -> Any:
     """The spec as run.json holds it (tuples become lists), to compare a given spec with the stored one."""
     return json.loads(json.dumps(asdict(spec)))
+
+
+def _settings(spec: RunSpec) -> Any:
+    """What a resume must not change, data folder aside (that one has its own check and error)."""
+    data = _as_json(spec)
+    data.pop("data_dir")
+    return data
+
+
+def data_folder(given: str | os.PathLike | None) -> str | None:
+    """The data folder a run uses: ``given`` (``--data`` / ``data_dir=``), else $DELTAEDIT_DATA, as an absolute
+    path (None: no data folder); the same precedence as dataset lookup and the key-statistics corpus."""
+    folder = given or os.environ.get(DATA_ENV) or None
+    return None if folder is None else str(Path(folder).expanduser().resolve())
+
+
+def resume_data_dir(run_dir: str | os.PathLike, given: str | os.PathLike | None) -> str | None:
+    """The data folder to continue the run in ``run_dir`` with: the one its run.json records.
+
+    Why: which dataset file and which key-statistics corpus (Wikipedia under the folder, or generated text) a
+    run uses depends on the folder; a resume with another one would replay and continue the edits on other
+    statistics. ``given`` (``--data``, else $DELTAEDIT_DATA) may be left out, or must name the same folder;
+    anything else raises ``RunError`` and changes nothing. A run.json from before the folder was recorded (no
+    ``data_dir`` key), or a ledger without run.json, takes ``given`` as before.
+    """
+    run_dir = Path(run_dir)
+    path = run_dir / "run.json"
+    stored = json.loads(path.read_text()) if path.is_file() else {}
+    if "data_dir" not in stored:
+        if stored:
+            log.warning("%s does not record the run's data folder (an older run): not checked", path)
+        return None if given is None else str(given)
+    recorded, folder = stored["data_dir"], data_folder(given)
+    source = "--data (data_dir=)" if given else f"${DATA_ENV}"
+    if folder is None or folder == recorded:
+        if recorded is not None and not Path(recorded).is_dir():
+            raise RunError(
+                f"--data: the run used the data folder {recorded}, which does not exist now; make it available "
+                f'there, or if it moved, set "data_dir" in {path} to its new place'
+            )
+        return recorded
+    if recorded is None:
+        raise RunError(
+            f'{source}: the run was started without a data folder ({path} has "data_dir": null), so its key '
+            f"statistics did not come from {folder}; resume without --data and with {DATA_ENV} unset"
+        )
+    raise RunError(
+        f'{source}: the run used the data folder {recorded} ({path} "data_dir"), not {folder}; another '
+        f"folder can hold another dataset file and other key statistics. Resume with --data {recorded} or "
+        f"without --data (it is reused; {DATA_ENV} must then be unset or name the same folder)"
+    )
 
 
 def _kind(layout: str) -> str:
@@ -117,16 +171,20 @@ def run(
     from tqdm.auto import tqdm
 
     run_dir = Path(run_dir)
-    prepare_directory(run_dir, resume, force)
+    if not resume and spec is None:
+        raise RunError("spec: a new run needs a RunSpec")
     if resume:
         stored = RunSpec.load(run_dir)
-        if spec is not None and _as_json(spec) != _as_json(stored):
+        if spec is not None and _settings(spec) != _settings(stored):
             raise RunError(f"{run_dir}: --resume continues the run as run.json describes it; drop the other options")
-        spec = stored
-    elif spec is None:
-        raise RunError("spec: a new run needs a RunSpec")
+        given = data_dir if data_dir is not None else spec.data_dir if spec is not None else None
+        spec = replace(stored, data_dir=resume_data_dir(run_dir, given))
     else:
+        spec = replace(spec, data_dir=data_folder(data_dir if data_dir is not None else spec.data_dir))
+    prepare_directory(run_dir, resume, force)
+    if not resume:
         write_atomic(run_dir / "run.json", json.dumps(asdict(spec), indent=2).encode())
+    data_dir = spec.data_dir
 
     loaded = load_records(spec.dataset, data_dir, limit=spec.n_edits, on_error=spec.on_error)
     records, kind = loaded.records, _kind(loaded.layout)
