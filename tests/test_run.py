@@ -393,12 +393,12 @@ def wikipedia_folder(root: Path, paragraphs: list[str]) -> Path:
     return root
 
 
-def cut_to_two_edits(run_dir: Path) -> None:
-    """The state a kill leaves after edit 2 and its checkpoint."""
+def cut_after(run_dir: Path, n: int) -> None:
+    """The state a kill leaves after edit ``n`` and the checkpoints up to it."""
     lines = (run_dir / "index.jsonl").read_bytes().splitlines(keepends=True)
-    (run_dir / "index.jsonl").write_bytes(b"".join(lines[:2]))
+    (run_dir / "index.jsonl").write_bytes(b"".join(lines[:n]))
     document = metrics(run_dir)
-    document["checkpoints"] = document["checkpoints"][:1]
+    document["checkpoints"] = [c for c in document["checkpoints"] if c["n_edits"] <= n]
     (run_dir / "metrics.json").write_text(json.dumps(document))
 
 
@@ -417,7 +417,7 @@ def test_resume_reuses_the_recorded_data_folder_and_refuses_another(assets, tmp_
     assert json.loads((reference / "run.json").read_text())["data_dir"] == str(folder.resolve())
 
     out = copy_run(reference, tmp_path / "B")
-    cut_to_two_edits(out)
+    cut_after(out, 2)
     before = {name: (out / name).read_bytes() for name in ("index.jsonl", "metrics.json", "run.json")}
     with pytest.raises(RunError) as info:
         run(out, resume=True, data_dir=str(other), progress=False)
@@ -431,7 +431,7 @@ def test_resume_reuses_the_recorded_data_folder_and_refuses_another(assets, tmp_
 
     monkeypatch.setenv(DATA_ENV, str(folder))  # the same folder is fine; so is none at all
     run(out, spec, resume=True, data_dir=str(tmp_path / "data-a" / ".." / "data-a"), progress=False)
-    cut_to_two_edits(out)
+    cut_after(out, 2)
     monkeypatch.delenv(DATA_ENV)
     run(out, resume=True, progress=False)
     assert_same_metrics(metrics(out), metrics(reference))
@@ -469,6 +469,67 @@ def test_a_run_without_a_data_folder_is_not_resumed_with_one(assets, tmp_path, m
     monkeypatch.setenv(DATA_ENV, str(other))
     assert main(["run", "--out", str(out), "--resume", "--quiet"]) == 0
     assert (out / "index.jsonl").read_bytes() == index
+
+
+# --- records matched to the ledger by position: repeated or missing case_ids, a changed dataset ----------
+
+# case_ids of the records: 5 twice; the third has none, so it is numbered by position, "2", which the fourth
+# also has; the fifth has none ("4")
+DUPLICATE_IDS = [5, 5, None, 2, None, 0]
+
+
+def duplicate_rows() -> list[dict]:
+    rows = []
+    for row, case_id in zip((dict(r) for r in RECORDS[:6]), DUPLICATE_IDS, strict=True):
+        row.pop("case_id")
+        rows.append(row if case_id is None else {"case_id": case_id, **row})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def duplicates(assets, tmp_path_factory):
+    """An uninterrupted run over a file whose case_ids repeat and collide; do not modify it."""
+    root = tmp_path_factory.mktemp("duplicates")
+    dataset = write_jsonl(root / "repeated.jsonl", duplicate_rows())
+    spec = replace(make_spec(assets, checkpoints=(2, 4)), dataset=str(dataset))
+    run(root / "A" / "run", spec, progress=False)
+    return SimpleNamespace(dir=root / "A" / "run", spec=spec, dataset=dataset)
+
+
+@pytest.mark.parametrize("done", [1, 3])
+def test_resume_with_repeated_case_ids_edits_every_record_once(duplicates, tmp_path, assets, done):
+    """Cut after the first of the two records with case_id 5 (1), or after the position-numbered "2" whose id the
+    next record repeats (3): matching by case_id would skip that record and count it as edited."""
+    assert edit_cases(duplicates.dir) == ["5", "5", "2", "2", "4", "0"]
+    out = copy_run(duplicates.dir, tmp_path)
+    cut_after(out, done)
+    run(out, resume=True, progress=False)
+    assert kinds(out) == ["edit"] * 6 and edit_cases(out) == edit_cases(duplicates.dir)
+    assert_same_metrics(metrics(out), metrics(duplicates.dir))
+    assert same_params(resumed(out, assets).model, resumed(duplicates.dir, assets).model)
+
+
+def test_resume_refuses_a_dataset_that_changed(duplicates, tmp_path):
+    out = copy_run(duplicates.dir, tmp_path)
+    cut_after(out, 3)
+    before = {name: (out / name).read_bytes() for name in ("index.jsonl", "metrics.json", "baseline.json")}
+    rows = duplicate_rows()
+    original = duplicates.dataset.read_text()
+    try:
+        write_jsonl(duplicates.dataset, [rows[0], {**rows[1], "target_new": "Rome"}, *rows[2:]])
+        with pytest.raises(RunError) as info:
+            run(out, resume=True, progress=False)
+        message = str(info.value)
+        assert message.startswith(f"{duplicates.dataset}: record 2 (line 2) is not the record the run handled")
+        assert "field 'target_new' is 'Rome', was 'Tokyo'" in message and "restore it" in message
+        assert "--force" in message
+
+        write_jsonl(duplicates.dataset, rows[:2])
+        with pytest.raises(RunError, match="yields 2 records but the run in .* already handled 3; the dataset changed"):
+            run(out, resume=True, progress=False)
+    finally:
+        duplicates.dataset.write_text(original)
+    assert {name: (out / name).read_bytes() for name in before} == before
 
 
 # --- on_error: bad records in the data file and records the model cannot take -----------------------------

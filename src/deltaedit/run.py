@@ -25,11 +25,11 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .data import DATA_ENV, DataError, load_records
+from .data import DATA_ENV, DataError, EditRecord, load_records
 from .diagnostics import diagnose
 from .editor import Editor
 from .evaluate import Baseline, baseline, evaluate
-from .ledger import Ledger, write_atomic
+from .ledger import Ledger, LedgerEntry, write_atomic
 from .models import load_model
 from .report import add_checkpoint, checkpoint_schedule, new_run_record, read_metrics, write_metrics
 from .requests import EditError
@@ -135,13 +135,40 @@ def _kind(layout: str) -> str:
     return "zsre" if layout == "zsre" else "counterfact"
 
 
-def _processed_cases(ledger: Ledger) -> set[Any]:
-    """case_ids of the records the run already handled: edited or rejected."""
-    done = set()
-    for entry in ledger.entries():
-        if entry.kind in ("edit", "rejected"):
-            done.update(r.get("case_id") for r in entry.data.get("requests", []) if isinstance(r, dict))
-    return done
+def _handled(ledger: Ledger) -> list[LedgerEntry]:
+    """The ledger's entries for dataset records, in stream order: exactly one per record handled, its ``edit``
+    or its ``rejected`` line (the data-file rejections logged at the start name no request and stand for no
+    record; ``undo`` / ``restore`` lines neither)."""
+    return [e for e in ledger.entries() if e.kind == "edit" or (e.kind == "rejected" and e.data.get("requests"))]
+
+
+def _check_stream(handled: list[LedgerEntry], records: list[EditRecord], dataset: str, run_dir: Path) -> None:
+    """The first ``len(handled)`` records must be the ones the ledger handled, in order.
+
+    Why position and not case_id: a file may repeat a case_id or leave it out (then it is the record's
+    position, which can collide with another record's explicit id), and matching by id then skips or repeats
+    records. Matching by position is only right for the same stream, so each entry's request is compared with
+    the record at its place: a dataset changed since the run started is refused, naming the record's line.
+    """
+    if len(handled) > len(records):
+        raise RunError(
+            f"{dataset}: yields {len(records)} records but the run in {run_dir} already handled {len(handled)}; "
+            "the dataset changed since the run started: restore it, or start the run again with --force"
+        )
+    for position, (entry, record) in enumerate(zip(handled, records, strict=False)):
+        given = json.loads(json.dumps(record.request.to_dict()))
+        logged = entry.data["requests"][0]
+        logged = logged if isinstance(logged, dict) else {}
+        if logged == given:
+            continue
+        field = next((key for key in given if logged.get(key) != given[key]), None)
+        change = f"field {field!r} is {given[field]!r}, was {logged.get(field)!r}" if field else "other fields"
+        where = f"record {position + 1}" + ("" if record.line is None else f" (line {record.line})")
+        raise RunError(
+            f"{record.source or dataset}: {where} is not the record the run handled at that place "
+            f"(index.jsonl line {entry.seq + 1}: {change}); the dataset changed since the run started: "
+            "restore it, or start the run again with --force"
+        )
 
 
 def prepare_directory(run_dir: Path, resume: bool, force: bool) -> None:
@@ -188,8 +215,10 @@ def run(
 
     loaded = load_records(spec.dataset, data_dir, limit=spec.n_edits, on_error=spec.on_error)
     records, kind = loaded.records, _kind(loaded.layout)
-    model, tokenizer = model_and_tokenizer or load_model(spec.model, device=spec.device, dtype=spec.dtype)
     ledger_has_entries = resume and (run_dir / "index.jsonl").is_file()
+    handled = _handled(Ledger(run_dir, create=False)) if ledger_has_entries else []
+    _check_stream(handled, records, spec.dataset, run_dir)  # before anything is loaded or written
+    model, tokenizer = model_and_tokenizer or load_model(spec.model, device=spec.device, dtype=spec.dtype)
     if ledger_has_entries:
         editor = Editor.resume(run_dir, model, tokenizer, data_dir=data_dir, progress=progress)
     else:
@@ -236,10 +265,9 @@ def run(
             kind=kind,
         )
     schedule = set(checkpoint_schedule(len(records), spec.checkpoints))
-    done_cases = _processed_cases(editor.ledger)
-    in_force = {r.case_id for applied in editor.applied for r in applied.requests}
-    edited = [r for r in records if r.request.case_id in in_force]
-    pending = [r for r in records if r.request.case_id not in done_cases]
+    in_force = {applied.edit_id for applied in editor.applied}
+    edited = [r for r, e in zip(records, handled, strict=False) if e.kind == "edit" and e.edit_id in in_force]
+    pending = records[len(handled) :]
     spent = sum(a.result.seconds for a in editor.applied)
 
     def checkpoint() -> None:
