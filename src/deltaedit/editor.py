@@ -313,7 +313,11 @@ class Editor:
         snapshot = {i: out_weight(parts.out_projs[i]).detach().clone() for i in layers}
         state_touched = False
         try:
-            keys, _ = read_keys(self.model, parts, self.tokenizer, requests, self.contexts, [critical])
+            # the first layer's keys and the critical output, read before any weight changes, serve its solve too
+            first_read = read_keys(
+                self.model, parts, self.tokenizer, requests, self.contexts, sorted({layers[0], critical}), critical
+            )
+            keys = first_read[0]
             try:
                 projector, decision = self.method.influence_projector(keys[critical])
             except torch.linalg.LinAlgError as err:
@@ -345,8 +349,10 @@ class Editor:
             z_star = (torch.stack(z_init, 1) + torch.stack(deltas, 1)).float()
             updates = {}
             for position, layer in enumerate(layers):
-                layer_keys, z_now = read_keys(
-                    self.model, parts, self.tokenizer, requests, self.contexts, [layer], z_layer=critical
+                layer_keys, z_now = (
+                    first_read
+                    if position == 0
+                    else read_keys(self.model, parts, self.tokenizer, requests, self.contexts, [layer], critical)
                 )
                 weight = out_weight(parts.out_projs[layer])
                 residual = (z_star.to(weight.device) - z_now.to(weight.device)) / (len(layers) - position)
