@@ -41,7 +41,7 @@ def main() -> None:
     requests = [EditRequest.from_dict(item) for item in demo["edits"]]
     controls = demo["controls"]
     model, tokenizer = load_model(args.model)
-    print("variant | edits held | controls kept | s/edit | mean steps | triggered", flush=True)
+    print("variant | edits held | controls kept | s/edit | mean steps | triggered | controls lost", flush=True)
     for text in args.variants:
         editor = Editor(
             model, tokenizer, method=args.method, config=parse_variant(text), data_dir=args.data, progress=False
@@ -63,9 +63,10 @@ def main() -> None:
         kept = sum(a.greedy and b.greedy for a, b in zip(before, after, strict=True))
         known = sum(a.greedy for a in before)
         steps = sum(r.steps for r in results) / len(results)
+        lost = [c["prompt"] for c, a, b in zip(controls, before, after, strict=True) if a.greedy and not b.greedy]
         print(
             f"{text or 'defaults'} | {held}/{len(requests)} | {kept}/{known} | {seconds:.1f} | {steps:.1f} | "
-            f"{sum(r.triggered for r in results)}",
+            f"{sum(r.triggered for r in results)} | {'; '.join(lost)}",
             flush=True,
         )
         editor.restore()
