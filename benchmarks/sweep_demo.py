@@ -41,7 +41,8 @@ def main() -> None:
     requests = [EditRequest.from_dict(item) for item in demo["edits"]]
     controls = demo["controls"]
     model, tokenizer = load_model(args.model)
-    print("variant | edits held | controls kept | s/edit | mean steps | triggered | controls lost", flush=True)
+    columns = "variant | edits held | controls kept | s/edit | mean steps | triggered | controls lost | edits not held"
+    print(columns, flush=True)
     for text in args.variants:
         editor = Editor(
             model, tokenizer, method=args.method, config=parse_variant(text), data_dir=args.data, progress=False
@@ -53,12 +54,9 @@ def main() -> None:
         started = time.perf_counter()
         results = [r for request in requests for r in editor.edit(request)]
         seconds = (time.perf_counter() - started) / len(requests)
-        held = sum(
-            s.greedy
-            for s in score_answers(
-                model, parts, tokenizer, [r.text for r in requests], [r.target_new for r in requests]
-            )
-        )
+        final = score_answers(model, parts, tokenizer, [r.text for r in requests], [r.target_new for r in requests])
+        held = sum(s.greedy for s in final)
+        dropped = [f"{r.subject} -> {r.target_new}" for r, s in zip(requests, final, strict=True) if not s.greedy]
         after = score_answers(model, parts, tokenizer, prompts, answers)
         kept = sum(a.greedy and b.greedy for a, b in zip(before, after, strict=True))
         known = sum(a.greedy for a in before)
@@ -66,7 +64,7 @@ def main() -> None:
         lost = [c["prompt"] for c, a, b in zip(controls, before, after, strict=True) if a.greedy and not b.greedy]
         print(
             f"{text or 'defaults'} | {held}/{len(requests)} | {kept}/{known} | {seconds:.1f} | {steps:.1f} | "
-            f"{sum(r.triggered for r in results)} | {'; '.join(lost)}",
+            f"{sum(r.triggered for r in results)} | {'; '.join(lost)} | {'; '.join(dropped)}",
             flush=True,
         )
         editor.restore()

@@ -226,6 +226,18 @@ def test_config_prints_the_effective_options(assets, capsys):
     assert "eta" not in config  # AlphaEdit's options
 
 
+def test_threads_sets_torchs_cpu_threads_and_refuses_zero(assets, capsys):
+    before = torch.get_num_threads()
+    try:
+        assert main(["config", "--model", str(assets.model), "--device", "cpu", "--quiet", "--threads", "2"]) == 0
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(SystemExit):
+        main(["config", "--model", str(assets.model), "--threads", "0"])
+    assert "--threads: must be a whole number >= 1, not 0" in capsys.readouterr().err
+
+
 CONFIG_FILES = {
     # PyYAML (YAML 1.1) reads 1e-3 and 1e9 as strings; a JSON file may quote its numbers
     "yaml": "lr: 1e-3\nweight_decay: 5e-4\nnullspace_threshold: 1e9\nstats_samples: 1e2\nsteps: 3\nlayers: [0, 2]\n",

@@ -70,6 +70,18 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: best available)")
     parser.add_argument("--dtype", help="float32, float16 or bfloat16 (solves always run in float32)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
+    parser.add_argument(
+        "--threads",
+        type=_positive_int,
+        help="CPU threads for torch (default: torch's choice); 1 per process is fastest when runs share a machine",
+    )
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, not {text}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -404,6 +416,10 @@ def cmd_download(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(getattr(args, "quiet", False))
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
     from .editor import EditError
     from .ledger import LedgerError
     from .models import ModelLoadError
