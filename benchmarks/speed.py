@@ -84,6 +84,9 @@ def one_method(args: argparse.Namespace) -> dict:
     metrics = evaluate(model, editor.parts, tokenizer, records, base)
     eval_seconds = time.perf_counter() - started
     first, last = seconds[:10], seconds[-10:]
+    # seconds per forward pass of the optimizer (steps + the final check): what edits accumulating could slow
+    # down, without the noise of how many steps each record happens to need
+    per_step = [s / (n + 1) for s, n in zip(seconds, steps, strict=True)]
     return {
         "method": args.method,
         "path": "full forward" if args.full_forward else "default",
@@ -94,6 +97,8 @@ def one_method(args: argparse.Namespace) -> dict:
         "first10_median_s": statistics.median(first),
         "last10_median_s": statistics.median(last),
         "mean_steps": statistics.mean(steps),
+        "first10_s_per_step": statistics.median(per_step[:10]),
+        "last10_s_per_step": statistics.median(per_step[-10:]),
         "total_edit_s": sum(seconds),
         "success_right_after": held / len(seconds),
         "stats_s": stats_seconds,
@@ -109,13 +114,14 @@ def one_method(args: argparse.Namespace) -> dict:
 def table(rows: list[dict]) -> str:
     head = (
         "| method | path | edits | s/edit median | min | max | first-10 median | last-10 median | steps/edit "
-        "| key stats s | eval s | peak RSS MB | efficacy top |"
+        "| s/step first-10 | s/step last-10 | key stats s | eval s | peak RSS MB | efficacy top |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         lines.append(
             f"| {r['method']} | {r['path']} | {r['edits']} | {r['median_s']:.2f} | {r['min_s']:.2f} | {r['max_s']:.2f} "
-            f"| {r['first10_median_s']:.2f} | {r['last10_median_s']:.2f} | {r['mean_steps']:.1f} | {r['stats_s']:.1f} "
+            f"| {r['first10_median_s']:.2f} | {r['last10_median_s']:.2f} | {r['mean_steps']:.1f} "
+            f"| {r['first10_s_per_step']:.3f} | {r['last10_s_per_step']:.3f} | {r['stats_s']:.1f} "
             f"| {r['eval_s']:.1f} | {r['peak_rss_mb']:.0f} | {r['efficacy_top']:.2f} |"
         )
     return "\n".join(lines)

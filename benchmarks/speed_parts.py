@@ -9,6 +9,7 @@ both (median of several repeats, milliseconds). Prints figures; asserts nothing.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 from contextlib import suppress
@@ -55,14 +56,13 @@ def main() -> None:
     editor = Editor(model, tokenizer, method="deltaedit", data_dir=args.data, progress=False)
     config, contexts = editor.config, editor.contexts
     request = EditRequest("The mother tongue of {} is", "Danielle Darrieux", "English")
-    settings = config.target_settings().__class__(**{**vars(config.target_settings()), "stop_prob": 1.0})
     n = args.repeats
     print(f"torch threads: {torch.get_num_threads()}; model {args.model}; median of {n} runs after a warm-up\n")
     print("| computation | straightforward ms | deltaedit ms | speed-up |")
     print("|---|---|---|---|")
 
     # 1. target optimization: 10 Adam steps, full forward at every step vs prefix and lower blocks run once
-    ten = settings.__class__(**{**vars(settings), "steps": 10})
+    ten = dataclasses.replace(config.target_settings(), steps=10, stop_prob=1.0)  # always 10 steps
     full = timed(
         lambda: optimize_target(
             model, parts, tokenizer, request, contexts, config.critical_layer, ten, reuse_prefix=False
