@@ -105,3 +105,30 @@ def test_reused_prefix_gives_the_straightforward_update(smollm2, stats_store):
     assert steps_fast == steps_full
     for layer, delta in full.items():
         assert torch.allclose(fast[layer], delta, rtol=1e-4, atol=1e-4 * delta.abs().max().item()), layer
+
+
+def test_a_short_run_writes_metrics_and_a_report_with_plots(stats_store, tmp_path, monkeypatch):
+    """`deltaedit run` + `deltaedit report` end to end on the real model: three CounterFact records (a fixture)."""
+    from pathlib import Path
+
+    from deltaedit.report import write_report
+    from deltaedit.run import RunSpec, run
+
+    monkeypatch.setenv("DELTAEDIT_CACHE", str(Path(stats_store).parent))  # the statistics the tests above used
+    model, tokenizer = load_model("smollm2-135m", device="cpu")  # a copy of its own: the run edits it
+    dataset = Path(__file__).parent / "fixtures" / "data" / "counterfact_simple.json"
+    spec = RunSpec(dataset=str(dataset), n_edits=3, checkpoints=(2,))
+    document = run(tmp_path / "run", spec, progress=False, model_and_tokenizer=(model, tokenizer))
+
+    assert [c["n_edits"] for c in document["checkpoints"]] == [2, 3]
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["checkpoints"][-1]["n_edits"] == 3
+    final = document["checkpoints"][-1]
+    values = final["metrics"]["counterfact"]
+    assert values["efficacy_larger"] == 1.0 and values["efficacy_top"] >= 2 / 3, values
+    assert final["diagnostics"]["critical_layer"] == document["run"]["config"]["layers"][-1]
+    assert final["diagnostics"]["noise_E"] is not None
+
+    report = write_report([tmp_path / "run"], tmp_path / "report")
+    assert "| smollm2-135m |" in report.read_text()
+    for plot in ("efficacy_top.png", "noise_E.png", "ktb.png"):
+        assert (tmp_path / "report" / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", plot
