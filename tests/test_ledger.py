@@ -32,7 +32,7 @@ from deltaedit import (
     apply_edits,
 )
 from deltaedit.data import EditRecord
-from deltaedit.models import fingerprint, out_weight
+from deltaedit.models import find_parts, fingerprint, out_weight
 from deltaedit.predict import score_answers
 
 REQUESTS = [
@@ -537,3 +537,40 @@ def test_edits_refuse_the_wrong_base_model_and_a_corrupt_file(tokenizer, corpus_
     with pytest.raises(LedgerError, match="edits.safetensors: checksum mismatch"):
         apply_edits(base, path)
     assert same_params(base, before)
+
+
+def test_edits_refuse_a_base_that_differs_in_one_element_of_an_edited_layer(tokenizer, corpus_file, tmp_path):
+    """The edited layers are compared by full sha256: a nudge of half a unit on two elements is another base,
+    and so are two swapped rows of a layer that was not edited."""
+    editor = make_editor(tokenizer, corpus_file)
+    editor.edit(REQUESTS[:2])
+    path = editor.save_edits(tmp_path / "edits.safetensors")
+    assert json.loads(json.dumps(editor.manifest()["base_layers"])).keys() == {"0", "1"}
+    nudged = new_model()
+    with torch.no_grad():
+        out_weight(find_parts(nudged).out_projs[1])[[3, 9], [4, 2]] += 0.5
+    swapped = new_model()
+    with torch.no_grad():
+        weight = out_weight(find_parts(swapped).out_projs[2])
+        weight[[0, 1]] = weight[[1, 0]]
+    for other in (nudged, swapped):
+        before = params(other)
+        with pytest.raises(BaseModelMismatchError):
+            apply_edits(other, path)
+        with pytest.raises(BaseModelMismatchError):
+            Editor.from_edits(path, other, tokenizer, progress=False)
+        assert same_params(other, before)
+
+
+def test_a_manifest_layer_digest_is_checked(tokenizer, corpus_file, tmp_path):
+    """Same fingerprint, other edited-layer digest (a manifest written by hand): refused naming the layer."""
+    editor = make_editor(tokenizer, corpus_file, ledger=tmp_path / "run")
+    editor.edit(REQUESTS[0])
+    manifest_path = tmp_path / "run" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["base_layers"]["1"] = "0" * 64
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(BaseModelMismatchError, match="layer 1 W_out has sha256 0000"):
+        Editor.resume(tmp_path / "run", new_model(), tokenizer, progress=False)
+
+

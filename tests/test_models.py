@@ -18,6 +18,8 @@ from deltaedit.models import (
     fingerprint,
     load_model,
     out_weight,
+    weight_checksum,
+    weight_digest,
 )
 
 D_MODEL, D_FF, N_LAYERS = 32, 48, 3
@@ -163,6 +165,46 @@ def test_fingerprint_of_gpt2_conv1d_edit():
     with torch.no_grad():
         out_weight(find_parts(model).out_projs[0])[:, 5] += 0.05
     assert fingerprint(model) != base
+
+
+def test_fingerprint_is_the_same_under_any_thread_count():
+    """A float sum rounds differently with the thread count; the fingerprint must not (a run made with
+    --threads 1 is undone, exported and resumed at the default count)."""
+    model = tiny_model("llama", seed=3, n_layers=2, d_model=128, d_ff=2048)  # large enough to split a sum
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = fingerprint(model)
+        torch.set_num_threads(2)
+        two = fingerprint(model)
+    finally:
+        torch.set_num_threads(threads)
+    assert one == two
+
+
+def test_fingerprint_sees_one_element_and_swapped_rows_anywhere():
+    model = tiny_model("llama", seed=3, n_layers=2)
+    base = fingerprint(model)
+    weight = model.model.layers[1].self_attn.q_proj.weight  # not an MLP output projection
+    saved = weight.detach().clone()
+    with torch.no_grad():
+        weight[[2, 5]] = weight[[5, 2]]
+    assert fingerprint(model) != base
+    with torch.no_grad():
+        weight[[2, 5]] = weight[[5, 2]]
+        weight[3, 7] += 0.5
+    assert fingerprint(model) != base
+    with torch.no_grad():
+        weight.copy_(saved)
+    assert fingerprint(model) == base
+
+
+def test_weight_checksum_is_exact_and_positional():
+    values = torch.randn(4, 1000)
+    assert weight_checksum(values) == weight_checksum(values.clone())
+    assert weight_checksum(values) != weight_checksum(values.flip(0))
+    assert weight_checksum(values.to(torch.bfloat16)) != weight_checksum(values)
+    assert weight_digest(values) == weight_digest(values.clone()) != weight_digest(values.flip(1))
 
 
 # --- loading ----------------------------------------------------------------------------------------

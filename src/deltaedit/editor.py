@@ -48,7 +48,7 @@ from .ledger import (
 )
 from .methods import EditMethod, LayerUpdate, MethodConfig, method_class
 from .methods.base import Decision
-from .models import find_parts, fingerprint, out_weight
+from .models import find_parts, fingerprint, out_weight, weight_digest
 from .predict import score_answers
 from .requests import EditError, EditFailure, EditRequest, RequestError, check_tokenization
 from .stats import second_moments
@@ -158,6 +158,7 @@ class Editor:
         self.stats_store = stats_store
         self.base_fingerprint = fingerprint(model)
         self.original_weights = {i: out_weight(self.parts.out_projs[i]).detach().clone() for i in self.config.layers}
+        self.base_layers = {i: weight_digest(w) for i, w in self.original_weights.items()}  # exact base check
         self.applied: list[AppliedEdit] = []
         self.rejected: list[EditError] = []  # what edit() refused or failed on, oldest first
         # Since the last restore: ("edit", AppliedEdit) and ("undo", [AppliedEdit, ...]) in order. The method's
@@ -230,6 +231,7 @@ class Editor:
             "config": self.config.to_dict(),
             "config_fingerprint": self.config.fingerprint(),
             "base_fingerprint": self.base_fingerprint,
+            "base_layers": {str(i): digest for i, digest in self.base_layers.items()},
             "model_name": str(getattr(self.model, "name_or_path", "") or ""),
             "model_type": getattr(self.model.config, "model_type", None),
             "dtype": str(weight.dtype).removeprefix("torch."),
@@ -537,7 +539,7 @@ class Editor:
                 "Editor.from_edits, which take both from the file",
                 source,
             )
-        check_base_model(manifest, self.base_fingerprint, source)
+        check_base_model(manifest, self.base_fingerprint, source, self.base_layers)
 
     @staticmethod
     def _settings_from(manifest: dict[str, Any]) -> dict[str, Any]:

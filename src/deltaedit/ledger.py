@@ -36,7 +36,7 @@ from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
 
 from .methods.base import Decision, LayerUpdate
-from .models import find_parts, fingerprint, out_weight
+from .models import find_parts, fingerprint, out_weight, weight_digest
 from .requests import EditRequest
 
 if TYPE_CHECKING:
@@ -541,15 +541,37 @@ def _tensors_digest(tensors: Mapping[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def check_base_model(manifest: Mapping[str, Any], found: str, source: str | os.PathLike) -> None:
-    """Raise BaseModelMismatchError unless ``found`` (a models.fingerprint) is the base the edits were made on."""
+def check_base_model(
+    manifest: Mapping[str, Any], found: str, source: str | os.PathLike, layers: Mapping[int, str] | None = None
+) -> None:
+    """Raise BaseModelMismatchError unless the model is the base the edits were made on: ``found`` (its
+    models.fingerprint) must match, and ``layers`` (edited layer -> models.weight_digest of its W_out) must match
+    the sha256 the manifest recorded for each edited layer."""
+    name = manifest.get("model_name") or "?"
     if found != manifest.get("base_fingerprint"):
         raise BaseModelMismatchError(
-            f"the edits were made on base model {manifest.get('model_name') or '?'!r} with weight fingerprint "
+            f"the edits were made on base model {name!r} with weight fingerprint "
             f"{manifest.get('base_fingerprint')}, but this model's fingerprint is {found}; load that base model "
             "(unedited) and apply them to it",
             source,
         )
+    for layer, recorded in (manifest.get("base_layers") or {}).items():
+        if layers is not None and layers.get(int(layer)) != recorded:
+            raise BaseModelMismatchError(
+                f"the edits were made on base model {name!r} whose layer {layer} W_out has sha256 {recorded[:16]}…, "
+                f"but this model's is {str(layers.get(int(layer)))[:16]}…; load that base model (unedited)",
+                source,
+            )
+
+
+def layer_digests(model, layers: Iterable[int | str]) -> dict[int, str]:
+    """models.weight_digest of each listed layer's W_out (missing layers are left out, so they mismatch)."""
+    parts = find_parts(model)
+    return {
+        int(layer): weight_digest(out_weight(parts.out_projs[int(layer)]))
+        for layer in layers
+        if 0 <= int(layer) < parts.n_layers
+    }
 
 
 def apply_edits(model, path: str | os.PathLike) -> list[int]:
@@ -561,7 +583,7 @@ def apply_edits(model, path: str | os.PathLike) -> list[int]:
     nothing. No method state is built; use ``Editor.from_edits`` to go on editing. Returns the edit ids.
     """
     manifest, entries = read_edits_file(path)
-    check_base_model(manifest, fingerprint(model), path)
+    check_base_model(manifest, fingerprint(model), path, layer_digests(model, manifest.get("base_layers") or {}))
     live = active_edits(entries)
     updates = [entry.updates() for entry in live]
     parts = find_parts(model)

@@ -141,17 +141,61 @@ def _find_final_norm(model: nn.Module, layers: nn.ModuleList) -> nn.Module | Non
     return None
 
 
+# Odd 64-bit constants (as signed int64) for the position weights of the integer checksum.
+_MIX_A = 0x9E3779B97F4A7C15 - (1 << 64)
+_MIX_B = 0x632BE59BD9B4E019
+_CHECKSUM_CHUNK = 1 << 22
+_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bits(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor's raw bits as a flat integer tensor of the same element size (no copy when contiguous)."""
+    flat = tensor.detach().contiguous().reshape(-1)
+    return flat.view(_INT_OF_SIZE[flat.element_size()])
+
+
+def weight_checksum(tensor: torch.Tensor) -> int:
+    """A position-weighted sum of the tensor's raw bits modulo 2**64.
+
+    Why integers: a float sum rounds differently with the number of threads or on another device, an integer
+    sum modulo 2**64 does not (addition is associative there). Every element enters with its own weight, so a
+    changed bit or two swapped rows change the checksum; it reads each element once, on the tensor's device.
+    """
+    bits = _bits(tensor)
+    weights = torch.arange(min(bits.numel(), _CHECKSUM_CHUNK), dtype=torch.int64, device=bits.device)
+    weights = weights * _MIX_A + _MIX_B
+    weights ^= weights >> 31
+    total = 0
+    for index, start in enumerate(range(0, bits.numel(), _CHECKSUM_CHUNK)):
+        chunk = bits[start : start + _CHECKSUM_CHUNK].to(torch.int64)
+        partial = int((chunk * weights[: chunk.numel()]).sum().item())
+        total = (total + partial * (2 * index + 1) + index) % (1 << 64)
+    return total
+
+
+def weight_digest(tensor: torch.Tensor) -> str:
+    """sha256 of a tensor's dtype, shape and raw bytes: the exact identity of an edited layer's W_out."""
+    data = tensor.detach().to("cpu").contiguous()
+    digest = hashlib.sha256(f"{data.dtype}:{tuple(data.shape)};".encode())
+    digest.update(_bits(data).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def fingerprint(model: nn.Module) -> str:
-    """A short content hash of the weights: cheap, and different for any other base model."""
+    """A content hash of the model's config and every weight, identical on any machine, thread count or device.
+
+    Each tensor adds its name, shape, dtype and :func:`weight_checksum` (tied tensors are read once), so any
+    other base model, even one differing in a single element, gets another fingerprint. The edited layers are
+    also compared by full sha256 (:func:`weight_digest`) where edits are checked against a base model.
+    """
     digest = hashlib.sha256()
     digest.update(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
+    seen: dict[tuple, int] = {}
     for name, param in model.state_dict().items():
-        flat = param.detach().reshape(-1)
-        digest.update(name.encode())
-        digest.update(str(tuple(param.shape)).encode())
-        sample = flat[:: max(1, flat.numel() // 64)][:64].float().cpu()
-        digest.update(sample.numpy().tobytes())
-        digest.update(f"{flat.float().sum().item():.6e}".encode())
+        key = (param.device, param.data_ptr(), param.dtype, tuple(param.shape), tuple(param.stride()))
+        if key not in seen:
+            seen[key] = weight_checksum(param)
+        digest.update(f"{name}:{tuple(param.shape)}:{param.dtype}:{seen[key]};".encode())
     return digest.hexdigest()[:16]
 
 
