@@ -202,6 +202,9 @@ def fast_config(corpus, **changes) -> dict:
         "steps": 15,
         "lr": 0.5,
         "nullspace_threshold": 1e9,
+        # a random model needs large target vectors: ROME's clamp and decay, not MEMIT's 0.75 and 0.5
+        "clamp_norm_factor": 4.0,
+        "weight_decay": 1e-3,
     }
     config.update(changes)
     return config

@@ -226,6 +226,28 @@ def test_config_prints_the_effective_options(assets, capsys):
     assert "eta" not in config  # AlphaEdit's options
 
 
+def test_config_shows_each_preset_and_overrides_win(assets, capsys):
+    base = ["config", "--model", str(assets.model), "--device", "cpu", "--quiet", "--method", "deltaedit"]
+    shown = {}
+    for preset in ("default", "paper", "research"):
+        assert main([*base, "--preset", preset]) == 0
+        out = capsys.readouterr()
+        shown[preset] = json.loads(out.out)
+        assert "presets of deltaedit: default, paper, research" in out.err
+    assert shown["research"]["projection"] == "lowrank" and shown["research"]["warmup"] == 20
+    assert shown["research"]["cap_fraction"] == 0.25 and shown["research"]["eig_cut"] == 0.1
+    assert shown["paper"]["projection"] == "eigh" and shown["paper"]["cap_fraction"] == 0.75
+    assert shown["research"]["layers"] == shown["default"]["layers"]  # the model's own defaults stay
+    assert main([*base, "--preset", "research", "--set", "warmup=7"]) == 0
+    assert json.loads(capsys.readouterr().out)["warmup"] == 7
+
+
+def test_an_unknown_preset_is_named_before_loading(tmp_path, capsys):
+    assert main(["config", "--model", str(tmp_path / "no-model"), "--quiet", "--preset", "fast"]) == 2
+    err = capsys.readouterr().err
+    assert "preset: deltaedit has no preset 'fast'; available: default, paper, research" in err
+
+
 def test_threads_sets_torchs_cpu_threads_and_refuses_zero(assets, capsys):
     before = torch.get_num_threads()
     try:

@@ -117,7 +117,7 @@ def test_manifest_and_edit_entries(tokenizer, corpus_file, tmp_path):
             "threshold": result.threshold,
             "triggered": result.triggered,
             "rank": result.rank,
-            "extra": {},
+            "extra": {"history_empty": applied.edit_id == 0},
         }
         assert data["result"]["target_prob"] == result.target_prob and data["result"]["steps"] == result.steps
         assert data["self_response"] == applied.self_response and data["created"] == applied.created

@@ -328,6 +328,174 @@ def test_deltaedit_state_dict_and_revert():
     assert torch.allclose(method.history, first.left @ first.right.T, atol=1e-5)
 
 
+def test_ema_init_first_starts_from_the_first_non_empty_history():
+    """Edit 0's score is 0 (Delta_hist is still empty); "first" must start the EMA at the next score, not at 0."""
+    tracker = ThresholdTracker(DeltaEditConfig(layers=(0,), ema_init="first", ema_delta=0.5))
+    tracker.record(0.0, False, history_empty=True)
+    assert (tracker.mean, tracker.var, tracker.updates, tracker.seen) == (0.0, 0.0, 0, 1)
+    tracker.record(4.0, False, history_empty=False)
+    assert (tracker.mean, tracker.var) == (4.0, 0.0)
+    zero = ThresholdTracker(DeltaEditConfig(layers=(0,), ema_init="zero", ema_delta=0.5))
+    zero.record(0.0, False, history_empty=True)
+    zero.record(4.0, False, history_empty=False)
+    assert zero.mean == 2.0  # the paper's EMA from 0 folds both
+
+
+def test_deltaedit_first_edit_decision_says_the_history_was_empty():
+    method = make_deltaedit(ema_init="first", warmup=0, two_sided=True)  # v == 0: nothing triggers yet
+    _, decision = method.influence_projector(rand(20, 1, seed=1))
+    assert decision.extra["history_empty"] is True and decision.score == 0.0
+    commit_rank_one(method, seed=2, decision=decision)
+    assert method.tracker.updates == 0  # the empty history's score was not folded in
+    _, decision = method.influence_projector(rand(20, 1, seed=3))
+    assert decision.extra["history_empty"] is False
+    commit_rank_one(method, seed=4, decision=decision)
+    assert method.tracker.mean == pytest.approx(decision.score)
+
+
+def test_two_sided_test_triggers_below_the_mean_and_only_once_the_variance_is_positive():
+    config = DeltaEditConfig(layers=(0,), eta=1.0, warmup=0, two_sided=True)
+    tracker = ThresholdTracker(config)
+    tracker.mean, tracker.var = 10.0, 0.0
+    assert tracker.decide(1000.0)[0] is False  # v == 0: never
+    tracker.var = 4.0  # |s - 10| > 2 triggers on both sides
+    assert tracker.decide(7.0)[0] is True and tracker.decide(13.0)[0] is True
+    assert tracker.decide(9.0)[0] is False
+    one_sided = ThresholdTracker(config.replace(two_sided=False))
+    one_sided.mean, one_sided.var = 10.0, 4.0
+    assert one_sided.decide(7.0)[0] is False
+
+
+def test_clipped_ema_update_cannot_lock_in():
+    """A score that grows without bound: with the paper's update only untriggered edits move the EMA, so once
+    the scores outgrow the threshold every edit triggers; the clipped update drags the threshold along."""
+    scores = [float(e) ** 2 for e in range(1, 200)]
+    shares = {}
+    for update in ("untriggered", "clipped"):
+        tracker = ThresholdTracker(DeltaEditConfig(layers=(0,), eta=3.0, warmup=5, ema_update=update))
+        fired = []
+        for s in scores:
+            triggered, _ = tracker.decide(s)
+            tracker.record(s, triggered)
+            fired.append(triggered)
+        shares[update] = sum(fired[100:]) / len(fired[100:])
+    assert shares["untriggered"] == 1.0
+    assert shares["clipped"] < 1.0
+    tracker = ThresholdTracker(DeltaEditConfig(layers=(0,), ema_update="clipped", ema_delta=0.5, warmup=0))
+    tracker.mean, tracker.var = 1.0, 0.0  # threshold 1
+    tracker.record(100.0, True)
+    assert tracker.mean == pytest.approx(1.0)  # folded min(100, 1)
+
+
+def test_trigger_always_and_never():
+    always = ThresholdTracker(DeltaEditConfig(layers=(0,), trigger="always", warmup=1))
+    assert always.decide(5.0) == (False, 0.0)  # warm-up
+    always.record(5.0, False)
+    assert always.decide(0.0, history_empty=False)[0] is True
+    assert always.decide(3.0, history_empty=True)[0] is False
+    never = ThresholdTracker(DeltaEditConfig(layers=(0,), trigger="never", warmup=0))
+    assert never.decide(1e9)[0] is False
+
+
+def test_score_key_prompt_reads_the_bare_prompts_key():
+    method = make_deltaedit(score_key="prompt", warmup=0)
+    method.history += rand(12, 20, seed=80)
+    per_context = rand(20, 6, seed=81)  # two requests x three prompts, bare prompt first
+    mean = per_context.reshape(20, 2, 3).mean(2)
+    _, decision = method.influence_projector(mean, per_context)
+    bare = per_context[:, [0, 3]]
+    assert decision.score == pytest.approx(float((method.history @ bare).pow(2).sum(0).mean()), rel=1e-5)
+    _, averaged = make_deltaedit(warmup=0).influence_projector(mean, per_context)
+    assert averaged.score == 0.0  # that one's history is still empty
+
+
+def test_lowrank_takes_its_rank_from_cap_fraction():
+    """The randomized decomposition keeps up to cap_fraction x d_model directions, not a fixed d/4."""
+    d_model = 16
+    basis, _ = torch.linalg.qr(rand(d_model, 8, seed=90))
+    for cap, want in ((0.5, 8), (0.25, 4)):
+        method = make_deltaedit(d_model=d_model, eta=0.0, warmup=0, projection="lowrank", cap_fraction=cap)
+        method.history = basis @ (torch.diag(torch.arange(8.0, 0.0, -1.0) + 2) @ rand(8, 20, seed=91))
+        state = torch.random.get_rng_state()
+        projector, decision = method.influence_projector(rand(20, 1, seed=92))
+        assert torch.equal(torch.random.get_rng_state(), state)  # no global RNG touched
+        assert decision.triggered and decision.rank == want
+        again, _ = method.influence_projector(rand(20, 1, seed=92))
+        assert torch.equal(projector, again)  # seeded: the same directions every time
+
+
+def test_absolute_eigenvalue_cut():
+    method = make_deltaedit(d_model=8, eta=0.0, warmup=0, eig_cut=1.0)
+    rows, _ = torch.linalg.qr(rand(20, 3, seed=41))
+    left = torch.zeros(8, 3)
+    left[torch.arange(3), torch.arange(3)] = torch.tensor([2.0, 0.5, 3.0])  # eigenvalues of D: 4, 0.25, 9
+    method.history = left @ rows.T
+    _, decision = method.influence_projector(rand(20, 1, seed=42))
+    assert decision.rank == 2  # 0.25 <= 1 is not removed
+
+
+def test_include_response_weights_the_directions_this_edit_fires():
+    """D = Delta_hist Delta_hist^T (+ r r^T with r = Delta_hist k_e): with room for one direction, the response
+    of a key that fires the weaker history direction makes that direction the one removed."""
+    rows, _ = torch.linalg.qr(rand(20, 2, seed=43))
+    history = torch.zeros(8, 20)
+    history[0] = 3.0 * rows[:, 0]
+    history[1] = 2.0 * rows[:, 1]
+    key = 10.0 * rows[:, 1:2]  # Delta_hist k = 20 e_1
+    kept = {}
+    for include in (False, True):
+        method = make_deltaedit(d_model=8, eta=0.0, warmup=0, cap_fraction=1 / 8, include_response=include)
+        method.history = history.clone()
+        projector, decision = method.influence_projector(key)
+        assert decision.rank == 1
+        kept[include] = projector.diagonal()[:2].tolist()
+    assert kept[False] == pytest.approx([0.0, 1.0], abs=1e-5)  # the stronger history direction
+    assert kept[True] == pytest.approx([1.0, 0.0], abs=1e-5)  # the one this key fires
+
+
+def test_targeted_constraint_removes_only_the_responses_of_this_edits_keys():
+    method = make_deltaedit(d_model=12, eta=0.0, warmup=0, constraint="targeted")
+    method.history += rand(12, 20, seed=100)
+    per_context = rand(20, 3, seed=101)
+    keys = per_context.mean(1, keepdim=True)
+    projector, decision = method.influence_projector(keys, per_context)
+    responses = method.history @ per_context
+    assert decision.rank == 3  # three prompts; their mean's response is in their span
+    assert (projector @ responses).norm() < 1e-4 * responses.norm()
+    assert round(torch.trace(projector).item()) == 12 - 3
+    full, paper = make_deltaedit(d_model=12, eta=0.0, warmup=0), None
+    full.history = method.history.clone()
+    _, paper = full.influence_projector(keys, per_context)
+    assert paper.rank == 9  # the paper's constraint: 3/4 of d_model here
+
+
+def test_targeted_constraint_with_neighbors_adds_the_most_similar_past_keys():
+    method = make_deltaedit(d_model=12, eta=0.0, warmup=0, constraint="targeted", neighbors=1)
+    method.history += rand(12, 20, seed=110)
+    near, far = rand(20, 1, seed=111), rand(20, 1, seed=112)
+    method.past_keys = [far, near]
+    key = near + 0.01 * rand(20, 1, seed=113)
+    projector, decision = method.influence_projector(key, key)
+    assert decision.rank == 2  # the edit's own key and its nearest past key
+    assert (projector @ (method.history @ near)).norm() < 1e-4 * (method.history @ near).norm()
+    assert (projector @ (method.history @ far)).norm() > 0.1 * (method.history @ far).norm()
+
+
+def test_past_keys_follow_commit_revert_and_state_dict():
+    method = make_deltaedit(warmup=0, neighbors=2, constraint="targeted")
+    decision = Decision(score=0.0, threshold=0.0, triggered=False)
+    first = commit_rank_one(method, seed=120, decision=decision)
+    second = commit_rank_one(method, seed=121, decision=decision)
+    assert [torch.equal(k, u.keys) for k, u in zip(method.past_keys, (first, second), strict=True)] == [True, True]
+    copy = make_deltaedit(warmup=0, neighbors=2, constraint="targeted")
+    copy.load_state_dict(method.state_dict())
+    assert len(copy.past_keys) == 2 and torch.equal(copy.past_keys[1], second.keys)
+    method.revert({0: first, 1: first})
+    assert len(method.past_keys) == 1 and torch.equal(method.past_keys[0], second.keys)
+    method.reset()
+    assert method.past_keys == []
+
+
 # --- registry and configs ---------------------------------------------------------------------------
 
 
@@ -358,6 +526,12 @@ def test_config_unknown_option_names_the_field():
         ({"stop_prob": 0.0}, "stop_prob"),
         ({"threshold_on": "cube"}, "threshold_on"),
         ({"ema_init": "one"}, "ema_init"),
+        ({"ema_update": "some"}, "ema_update"),
+        ({"constraint": "all"}, "constraint"),
+        ({"trigger": "sometimes"}, "trigger"),
+        ({"score_key": "last"}, "score_key"),
+        ({"neighbors": -1}, "neighbors"),
+        ({"kl_position": "end"}, "kl_position"),
         ({"projection": "qr"}, "projection"),
         ({"ema_delta": 1.5}, "ema_delta"),
         ({"cap_fraction": 0.0}, "cap_fraction"),
@@ -379,5 +553,5 @@ def test_config_round_trip_and_fingerprint():
     assert again.fingerprint() == config.fingerprint()
     assert config.replace(eta=2.0).fingerprint() != config.fingerprint()
     settings_ = config.target_settings()
-    assert (settings_.steps, settings_.lr, settings_.clamp_norm_factor) == (config.steps, config.lr, 4.0)
+    assert (settings_.steps, settings_.lr, settings_.clamp_norm_factor) == (config.steps, config.lr, 0.75)
     assert isinstance(config, MethodConfig)

@@ -78,3 +78,18 @@ def test_reused_prefix_leaves_the_model_as_it_was(tokenizer):
     assert all(torch.equal(before[name], p) for name, p in model.state_dict().items())
     with torch.no_grad():
         assert torch.equal(model(ids).logits, logits)
+
+
+def test_the_kl_term_reads_the_essence_prompt_at_the_subjects_last_token(tokenizer):
+    """MEMIT, AlphaEdit and DeltaEdit read the KL term of "{subject} is a" at the subject's last token; the
+    last token of the prompt is the other option."""
+    from deltaedit.target import ESSENCE_PROMPT, loss_positions
+    from deltaedit.tokens import encode
+
+    rewrite = encode(tokenizer, "The mother tongue of {} is", "Danielle Darrieux")
+    essence = encode(tokenizer, ESSENCE_PROMPT, "Danielle Darrieux")
+    assert essence.subject_index < len(essence.ids) - 1
+    rows, cols = loss_positions([rewrite, rewrite], essence, 2, "subject", "cpu")
+    assert rows.tolist() == [0, 0, 1, 1, 2]
+    assert cols.tolist() == [len(rewrite.ids) - 1, len(rewrite.ids)] * 2 + [essence.subject_index]
+    assert loss_positions([rewrite], essence, 1, "last", "cpu")[1].tolist()[-1] == len(essence.ids) - 1

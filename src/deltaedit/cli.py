@@ -43,6 +43,9 @@ def _overrides(args) -> dict[str, Any]:
     from .defaults import coerce_overrides, read_overrides
     from .methods import method_class
 
+    from .defaults import preset_values
+
+    preset_values(method_class(args.method), args.preset)  # an unknown preset fails here, before loading
     config_class = method_class(args.method).config_class
     values: dict[str, Any] = {}
     if args.config:
@@ -64,6 +67,7 @@ def _overrides(args) -> dict[str, Any]:
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2-135m", help="Hugging Face id, local directory or 'smollm2-135m'")
     parser.add_argument("--method", default="deltaedit", choices=sorted(METHODS))
+    parser.add_argument("--preset", help="named option set of the method (deltaedit: paper, research); default: none")
     parser.add_argument("--config", help="YAML or JSON file of method options")
     parser.add_argument("--set", action="append", metavar="NAME=VALUE", help="override one method option")
     parser.add_argument("--data", help="data folder (default $DELTAEDIT_DATA); Wikipedia there feeds key statistics")
@@ -180,13 +184,25 @@ def _load(args):
     started = time.perf_counter()
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
     log.info("loaded %s in %.1f s on %s", args.model, time.perf_counter() - started, model.device)
-    editor = Editor(model, tokenizer, method=args.method, config=overrides, data_dir=args.data, progress=not args.quiet)
+    editor = Editor(
+        model,
+        tokenizer,
+        method=args.method,
+        config=overrides,
+        preset=args.preset,
+        data_dir=args.data,
+        progress=not args.quiet,
+    )
     return editor
 
 
 def cmd_config(args) -> int:
+    from .methods import method_class
+
     editor = _load(args)
     print(json.dumps(editor.config.to_dict(), indent=2))
+    names = ", ".join(["default", *method_class(args.method).presets])
+    print(f"presets of {args.method}: {names} (show one with --preset NAME)", file=sys.stderr)
     return 0
 
 
@@ -292,6 +308,7 @@ def cmd_run(args) -> int:
             dataset=args.dataset,
             n_edits=args.n_edits,
             overrides=_overrides(args),
+            preset=args.preset,
             seed=args.seed,
             on_error=args.on_error,
             checkpoints=checkpoints,

@@ -40,7 +40,22 @@ def heuristic_layers(n_layers: int) -> tuple[int, ...]:
     return tuple(range(last - count + 1, last + 1))
 
 
-def default_config(model, method_cls: type[EditMethod], overrides: dict[str, Any] | None = None) -> MethodConfig:
+def preset_values(method_cls: type[EditMethod], preset: str | None) -> dict[str, Any]:
+    """The option values of ``method_cls``'s preset ``preset`` (None or "default": none); ValueError naming the
+    available ones for anything else."""
+    if preset in (None, "default"):
+        return {}
+    if preset not in method_cls.presets:
+        names = ", ".join(["default", *method_cls.presets])
+        raise ValueError(f"preset: {method_cls.name} has no preset {preset!r}; available: {names}")
+    return dict(method_cls.presets[preset])
+
+
+def default_config(
+    model, method_cls: type[EditMethod], overrides: dict[str, Any] | None = None, preset: str | None = None
+) -> MethodConfig:
+    """The config for ``model``: its measured defaults (or the depth heuristic), then ``preset``, then
+    ``overrides``."""
     values: dict[str, Any] = {}
     name = known_model(model)
     if name is not None:
@@ -52,6 +67,7 @@ def default_config(model, method_cls: type[EditMethod], overrides: dict[str, Any
         values["layers"] = heuristic_layers(n_layers)
     fields = set(method_cls.config_class.__dataclass_fields__)
     values = {k: v for k, v in values.items() if k in fields}
+    values.update(preset_values(method_cls, preset))
     values.update(coerce_overrides(overrides or {}, method_cls.config_class))
     return method_cls.config_class.from_dict(values)
 

@@ -48,6 +48,7 @@ from .ledger import (
 )
 from .methods import EditMethod, LayerUpdate, MethodConfig, method_class
 from .methods.base import Decision
+from .memory import release_memory
 from .models import find_parts, fingerprint, out_weight, weight_digest
 from .predict import score_answers
 from .requests import EditError, EditFailure, EditRequest, RequestError, check_tokenization
@@ -133,22 +134,27 @@ class Editor:
         method: str = "deltaedit",
         config: MethodConfig | dict[str, Any] | None = None,
         data_dir: str | None = None,
+        preset: str | None = None,
         progress: bool = True,
         stats_store=None,
         ledger: str | os.PathLike | Ledger | None = None,
         reuse_prefix: bool = True,
+        trim_memory: bool = True,
     ):
         self.model = model
+        self.trim_memory = trim_memory  # hand freed heap back to the system after each edit (see memory.py)
         self.reuse_prefix = reuse_prefix  # False: recompute everything at every optimizer step (for checking)
         self.tokenizer = tokenizer
         self.parts = find_parts(model)
         method_cls = method_class(method)
         if isinstance(config, MethodConfig):
+            if preset is not None:
+                raise ValueError("preset: give a preset or a finished MethodConfig, not both")
             if not isinstance(config, method_cls.config_class):
                 raise TypeError(f"config: a {type(config).__name__} does not configure {method_cls.name}")
             self.config = config
         else:
-            self.config = default_config(model, method_cls, overrides=config or {})
+            self.config = default_config(model, method_cls, overrides=config or {}, preset=preset)
         bad = [i for i in self.config.layers if not 0 <= i < self.parts.n_layers]
         if bad:
             raise ValueError(f"layers: {bad} out of range for a model with {self.parts.n_layers} layers")
@@ -319,9 +325,10 @@ class Editor:
             first_read = read_keys(
                 self.model, parts, self.tokenizer, requests, self.contexts, sorted({layers[0], critical}), critical
             )
-            keys = first_read[0]
             try:
-                projector, decision = self.method.influence_projector(keys[critical])
+                projector, decision = self.method.influence_projector(
+                    first_read.keys[critical], first_read.per_context[critical]
+                )
             except torch.linalg.LinAlgError as err:
                 raise EditFailure(
                     f"the target vector's constraint could not be built ({err})", culprit, "target"
@@ -351,7 +358,7 @@ class Editor:
             z_star = (torch.stack(z_init, 1) + torch.stack(deltas, 1)).float()
             updates = {}
             for position, layer in enumerate(layers):
-                layer_keys, z_now = (
+                layer_keys, z_now, _ = (
                     first_read
                     if position == 0
                     else read_keys(self.model, parts, self.tokenizer, requests, self.contexts, [layer], critical)
@@ -384,6 +391,10 @@ class Editor:
             if state_touched:
                 self._rebuild_state()
             raise
+        finally:
+            del snapshot
+            if self.trim_memory:
+                release_memory()
         self.applied.append(applied)
         self._events.append(("edit", applied))
         self._next_id += 1

@@ -30,6 +30,7 @@ from .diagnostics import diagnose
 from .editor import Editor
 from .evaluate import Baseline, baseline, evaluate
 from .ledger import Ledger, LedgerEntry, write_atomic
+from .memory import release_memory
 from .models import load_model
 from .report import add_checkpoint, checkpoint_schedule, new_run_record, read_metrics, write_metrics
 from .requests import EditError
@@ -50,6 +51,7 @@ class RunSpec:
     dataset: str = "counterfact"
     n_edits: int = 100
     overrides: dict[str, Any] = field(default_factory=dict)
+    preset: str | None = None
     seed: int = 0
     on_error: str = "stop"
     checkpoints: tuple[int, ...] = (50, 100, 200, 500, 1000, 2000, 3000)
@@ -227,6 +229,7 @@ def run(
             tokenizer,
             method=spec.method,
             config={"seed": spec.seed, **spec.overrides},
+            preset=spec.preset,
             data_dir=data_dir,
             progress=progress,
             ledger=run_dir,
@@ -279,6 +282,7 @@ def run(
         extra = {"eval_seconds": time.perf_counter() - started}
         add_checkpoint(document, n, spent, {kind: values}, {**diagnose(editor), **extra})
         write_metrics(run_dir, document)
+        release_memory()  # the evaluation's logits are the largest temporaries of a run
         log.info("checkpoint %d: %s", n, ", ".join(f"{k} {v:.3f}" for k, v in values.items() if v is not None))
 
     editor.prepare()

@@ -15,6 +15,7 @@ import math
 from collections.abc import Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +51,7 @@ class TargetSettings:
     clamp_norm_factor: float
     kl_factor: float
     stop_prob: float
+    kl_position: str = "subject"
 
 
 @dataclass
@@ -93,6 +95,14 @@ def logits_at(model: nn.Module, parts: ModelParts, inputs: dict, rows: torch.Ten
     return final_logits(model, parts, hidden[rows, cols])
 
 
+class KeyRead(NamedTuple):
+    """What one key-reading pass returns (float32, on each layer's device)."""
+
+    keys: dict[int, torch.Tensor]  # layer -> context-averaged keys (d_ff x n)
+    z: torch.Tensor | None  # the block output at z_layer on the bare prompt (d_model x n), if asked
+    per_context: dict[int, torch.Tensor]  # layer -> keys of every prompt (d_ff x n*c, request-major, bare first)
+
+
 def read_keys(
     model: nn.Module,
     parts: ModelParts,
@@ -101,9 +111,9 @@ def read_keys(
     contexts: Sequence[str],
     layers: Sequence[int],
     z_layer: int | None = None,
-) -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
-    """Keys (d_ff x n, float32) at ``layers`` and, if asked, the block output at ``z_layer`` on the plain
-    prompt (d_model x n). One forward pass over all prompts, stopped after the highest layer read."""
+) -> KeyRead:
+    """Keys at ``layers`` and, if asked, the block output at ``z_layer`` on the plain prompt. One forward pass
+    over all prompts, stopped after the highest layer read."""
     encoded = [encode(tokenizer, r.prompt, r.subject, prefix=c) for r in requests for c in contexts]
     batch = pad([e.ids for e in encoded], pad_id(tokenizer), input_device(model))
     subject = torch.tensor([e.subject_index for e in encoded], device=batch.input_ids.device)
@@ -116,16 +126,17 @@ def read_keys(
     ):
         run_until(model, parts.layers[last], **batch.inputs())
     n, c = len(requests), len(contexts)
-    keys = {}
+    keys, per_context = {}, {}
     for i in layers:
         at_subject = keys_in[i][rows.to(keys_in[i].device), subject.to(keys_in[i].device)].float()
         keys[i] = at_subject.reshape(n, c, -1).mean(1).T.contiguous()
+        per_context[i] = at_subject.T.contiguous()
     z = None
     if z_layer is not None:
         h = outs[z_layer]
         plain = torch.arange(0, n * c, c, device=h.device)  # context 0 is the bare prompt
         z = h[plain, subject.to(h.device)[plain]].float().T.contiguous()
-    return keys, z
+    return KeyRead(keys, z, per_context)
 
 
 class _FullForward:
@@ -207,6 +218,19 @@ class _SuffixForward:
             return self._run()[self.rows, self.cols]
 
 
+def loss_positions(rewrites, essence, n_targets: int, kl_position: str, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, column) of every position the loss reads: each target token on each rewrite prompt (teacher
+    forced), then the essence prompt's position for the KL term, where MEMIT / AlphaEdit read it: the subject's
+    last token (``kl_position="subject"``), or its last token ("last")."""
+    rows = torch.arange(len(rewrites), device=device).repeat_interleave(n_targets)
+    starts = torch.tensor([len(e.ids) - 1 for e in rewrites], device=device).repeat_interleave(n_targets)
+    cols = starts + torch.arange(n_targets, device=device).repeat(len(rewrites))
+    kl_col = essence.subject_index if kl_position == "subject" else len(essence.ids) - 1
+    rows = torch.cat([rows, torch.tensor([len(rewrites)], device=device)])
+    cols = torch.cat([cols, torch.tensor([kl_col], device=device)])
+    return rows, cols
+
+
 def optimize_target(
     model: nn.Module,
     parts: ModelParts,
@@ -231,14 +255,9 @@ def optimize_target(
     sequences = [e.ids + t_ids[:-1] for e in rewrites] + [essence.ids]
     subject_index = [e.subject_index for e in rewrites] + [essence.subject_index]
 
-    # Positions read by the loss: each target token on each rewrite prompt, then the essence prompt's end.
     n_t = len(t_ids)
-    rows = torch.arange(len(rewrites), device=device).repeat_interleave(n_t)
-    starts = torch.tensor([len(e.ids) - 1 for e in rewrites], device=device).repeat_interleave(n_t)
-    cols = starts + torch.arange(n_t, device=device).repeat(len(rewrites))
+    rows, cols = loss_positions(rewrites, essence, n_t, settings.kl_position, device)
     labels = torch.tensor(t_ids, device=device).repeat(len(rewrites))
-    rows = torch.cat([rows, torch.tensor([len(rewrites)], device=device)])
-    cols = torch.cat([cols, torch.tensor([len(essence.ids) - 1], device=device)])
 
     if reuse_prefix:
         blocks = parts.layers[: layer + 1]

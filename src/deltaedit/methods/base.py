@@ -28,7 +28,11 @@ class MethodConfig:
     layers: edited MLP layers, lowest first; the last one is the critical layer.
     steps / lr / weight_decay / clamp_norm_factor / kl_factor / stop_prob: target-vector optimizer
         (Adam steps at most, learning rate, decay weight, max ||delta|| as a multiple of ||h||, weight of
-        the KL term on the essence prompt, stop once the mean target probability reaches this).
+        the KL term on the essence prompt, stop once the mean target probability reaches this). The
+        defaults are MEMIT's and AlphaEdit's published ones (v_weight_decay 0.5, clamp_norm_factor 0.75,
+        kl_factor 0.0625, 25 steps); ROME's Llama3-8B hyperparameters use 1e-3 and 4.
+    kl_position: where the KL term reads the essence prompt "{subject} is a": "subject" (its subject's last
+        token, as MEMIT, AlphaEdit and DeltaEdit do) or "last" (its last token).
     n_contexts / context_tokens: short generated prefixes the keys and target are averaged over.
     l2: ridge weight lambda in the solve (AlphaEdit's ``I`` term, MEMIT's C0 weight).
     stats_samples / stats_max_length / stats_corpus: key second-moment statistics (C0); corpus
@@ -39,10 +43,11 @@ class MethodConfig:
     layers: tuple[int, ...] = (4, 5, 6, 7, 8)
     steps: int = 25
     lr: float = 0.5
-    weight_decay: float = 1e-3
-    clamp_norm_factor: float = 4.0
+    weight_decay: float = 0.5
+    clamp_norm_factor: float = 0.75
     kl_factor: float = 0.0625
     stop_prob: float = 0.95
+    kl_position: str = "subject"
     n_contexts: int = 5
     context_tokens: int = 10
     l2: float = 1.0
@@ -62,6 +67,8 @@ class MethodConfig:
                 raise ValueError(f"{name}: must be >= 0")
         if not 0 < self.stop_prob <= 1:
             raise ValueError("stop_prob: must be in (0, 1]")
+        if self.kl_position not in ("subject", "last"):
+            raise ValueError(f"kl_position: use 'subject' or 'last', not {self.kl_position!r}")
 
     @property
     def critical_layer(self) -> int:
@@ -120,6 +127,9 @@ class EditMethod:
     name: ClassVar[str] = "base"
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
     needs_stats: ClassVar[bool] = False
+    # Named sets of option values (e.g. DeltaEdit's "paper" and "research"), applied over the model's defaults
+    # and under the user's overrides; "default" (no change) is always available.
+    presets: ClassVar[dict[str, dict[str, Any]]] = {}
 
     def __init__(self, config: MethodConfig):
         self.config = config
@@ -127,8 +137,11 @@ class EditMethod:
     def setup(self, second_moments: dict[int, torch.Tensor], devices: dict[int, torch.device], d_model: int) -> None:
         """Build state from the key statistics (one d_ff x d_ff float32 matrix per edited layer)."""
 
-    def influence_projector(self, critical_keys: torch.Tensor) -> tuple[torch.Tensor | None, Decision]:
-        """A projector for the target vector (or None), and the decision behind it."""
+    def influence_projector(
+        self, keys: torch.Tensor, context_keys: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor | None, Decision]:
+        """A projector for the target vector (or None), and the decision behind it, from the edit's keys at the
+        critical layer: context-averaged (d_ff x n) and per prompt (d_ff x n*c, request-major, bare first)."""
         return None, Decision()
 
     def solve(self, layer: int, keys: torch.Tensor, residuals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
