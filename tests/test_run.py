@@ -229,6 +229,26 @@ def test_run_writes_ledger_baseline_and_checkpointed_metrics(finished, assets):
     assert [e["case_id"] for e in baseline["entries"]] == [str(i) for i in range(6)]
 
 
+def test_each_checkpoint_says_which_edits_held_when_made_and_which_hold_now(finished):
+    """The stream group separates new edits that fail from old edits that erode; per_record.json lists both
+    flags for every edit at the last checkpoint, the first read from the ledger, the second from efficacy."""
+    entries = [e for e in Ledger(finished.dir).entries() if e.kind == "edit"]
+    made = [e.data["result"]["success"] for e in entries]
+    rows = json.loads((finished.dir / "per_record.json").read_text())
+    assert rows["n_edits"] == 6 and [r["held_when_made"] for r in rows["records"]] == made
+    assert [r["holds_now"] for r in rows["records"]] == [r["efficacy_top"] == 1.0 for r in rows["records"]]
+    last = finished.document["checkpoints"][-1]
+    stream = last["metrics"]["stream"]
+    now = [r["holds_now"] for r in rows["records"]]
+    assert stream["held_when_made"] == pytest.approx(sum(made) / 6)
+    assert stream["holds_now"] == pytest.approx(last["metrics"]["counterfact"]["efficacy_top"])
+    assert stream["eroded"] == sum(m and not h for m, h in zip(made, now, strict=True))
+    assert stream["recovered"] == sum(h and not m for m, h in zip(made, now, strict=True))
+    assert stream["failed_when_made"] == 6 - sum(made)
+    first = finished.document["checkpoints"][0]["metrics"]["stream"]
+    assert first["held_when_made"] == pytest.approx(sum(made[:2]) / 2)
+
+
 def test_report_of_a_run(finished, tmp_path):
     path = write_report([finished.dir], tmp_path / "report")
     text = path.read_text()

@@ -40,10 +40,8 @@ def _exponent_float(value: Any) -> Any:
 def _overrides(args) -> dict[str, Any]:
     """``--config`` then ``--set`` values, each converted to its option's type (a bad value fails here, before
     the model is loaded)."""
-    from .defaults import coerce_overrides, read_overrides
+    from .defaults import coerce_overrides, preset_values, read_overrides
     from .methods import method_class
-
-    from .defaults import preset_values
 
     preset_values(method_class(args.method), args.preset)  # an unknown preset fails here, before loading
     config_class = method_class(args.method).config_class

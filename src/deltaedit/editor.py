@@ -46,9 +46,9 @@ from .ledger import (
     since_restore,
     write_edits_file,
 )
+from .memory import release_memory
 from .methods import EditMethod, LayerUpdate, MethodConfig, method_class
 from .methods.base import Decision
-from .memory import release_memory
 from .models import find_parts, fingerprint, out_weight, weight_digest
 from .predict import score_answers
 from .requests import EditError, EditFailure, EditRequest, RequestError, check_tokenization

@@ -28,7 +28,7 @@ from typing import Any
 from .data import DATA_ENV, DataError, EditRecord, load_records
 from .diagnostics import diagnose
 from .editor import Editor
-from .evaluate import Baseline, baseline, evaluate
+from .evaluate import Baseline, baseline, evaluate_records, summarize
 from .ledger import Ledger, LedgerEntry, write_atomic
 from .memory import release_memory
 from .models import load_model
@@ -173,6 +173,37 @@ def _check_stream(handled: list[LedgerEntry], records: list[EditRecord], dataset
         )
 
 
+PER_RECORD_FILE = "per_record.json"
+
+
+def stream_summary(
+    records: list[EditRecord], made: list[bool], per_record: dict[str, list[float | None]], kind: str
+) -> tuple[dict[str, float | int | None], list[dict[str, Any]]]:
+    """Whether new edits fail or old edits erode: for each edit in force, whether it held when it was made (its
+    target was the greedy answer right after the edit) and whether it holds now (efficacy: CounterFact's
+    efficacy_top, zsRE's efficacy of 1, every answer token the argmax). Returns the counts and per-record rows.
+    """
+    if len(made) != len(records):
+        raise RunError(f"{len(made)} edits in force for {len(records)} edited records; the run cannot be scored")
+    name = "efficacy_top" if kind == "counterfact" else "efficacy"
+    now = [value is not None and value >= 1.0 for value in per_record[name]]
+    rows = [
+        {"case_id": r.request.case_id, "held_when_made": m, "holds_now": h, **{k: v[i] for k, v in per_record.items()}}
+        for i, (r, m, h) in enumerate(zip(records, made, now, strict=True))
+    ]
+    n = len(records)
+    held_then = sum(made)
+    kept = sum(m and h for m, h in zip(made, now, strict=True))
+    return {
+        "held_when_made": held_then / n if n else None,
+        "holds_now": sum(now) / n if n else None,
+        "kept_of_held": kept / held_then if held_then else None,
+        "failed_when_made": n - held_then,
+        "eroded": held_then - kept,
+        "recovered": sum(h and not m for m, h in zip(made, now, strict=True)),
+    }, rows
+
+
 def prepare_directory(run_dir: Path, resume: bool, force: bool) -> None:
     if resume:
         return
@@ -278,9 +309,13 @@ def run(
         if n not in schedule or any(c["n_edits"] == n for c in document["checkpoints"]):
             return
         started = time.perf_counter()
-        values = evaluate(model, editor.parts, tokenizer, edited, base, kind, batch_size=spec.eval_batch_size)
+        per_record = evaluate_records(model, editor.parts, tokenizer, edited, base, kind, spec.eval_batch_size)
+        values = summarize(per_record)
+        made = [applied.result.success for applied in editor.applied]
+        stream, rows = stream_summary(edited, made, per_record, kind)
         extra = {"eval_seconds": time.perf_counter() - started}
-        add_checkpoint(document, n, spent, {kind: values}, {**diagnose(editor), **extra})
+        add_checkpoint(document, n, spent, {kind: values, "stream": stream}, {**diagnose(editor), **extra})
+        write_atomic(run_dir / PER_RECORD_FILE, json.dumps({"n_edits": n, "records": rows}).encode())
         write_metrics(run_dir, document)
         release_memory()  # the evaluation's logits are the largest temporaries of a run
         log.info("checkpoint %d: %s", n, ", ".join(f"{k} {v:.3f}" for k, v in values.items() if v is not None))

@@ -1,0 +1,144 @@
+"""Choose DeltaEdit's defaults on the validation split: every variant edits the first N records of
+counterfact-val one after another (never counterfact-edit, which docs/results.md reports), then a table.
+
+    DELTAEDIT_DATA=../shared/data python benchmarks/sweep_val.py --out ~/deltaedit-runs/sweep          # run all
+    DELTAEDIT_DATA=../shared/data python benchmarks/sweep_val.py --out ~/deltaedit-runs/sweep de-targeted ae
+    python benchmarks/sweep_val.py --out ~/deltaedit-runs/sweep --table                        # table only
+
+Each variant is one `deltaedit run --threads 1` into OUT/NAME, ``--jobs`` at a time (two one-thread runs use a
+2-core machine best); a run already there is continued with ``--resume`` (a finished one is left alone), so
+the sweep survives being stopped. The table gives, at the last checkpoint, the CounterFact metrics, noise_E,
+the share of edits the constraint fired on, and the stream: the share of edits that held when they were made,
+the share of those that still hold, and how many eroded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+PUBLISHED = ["clamp_norm_factor=0.75", "weight_decay=0.5"]  # MEMIT's / AlphaEdit's published values
+# name -> (method, preset, --set values)
+VARIANTS: dict[str, tuple[str, str | None, list[str]]] = {
+    "de-targeted": ("deltaedit", "paper", ["constraint=targeted"]),
+    "ae": ("alphaedit", None, []),
+    "de-targeted-clipped": ("deltaedit", "paper", ["constraint=targeted", "ema_update=clipped"]),
+    "de-paper": ("deltaedit", "paper", []),
+    "de-research": ("deltaedit", "research", []),
+    "de-targeted-nb5": ("deltaedit", "paper", ["constraint=targeted", "neighbors=5"]),
+    "de-clipped": ("deltaedit", "paper", ["ema_update=clipped"]),
+    "de-cap25": ("deltaedit", "paper", ["cap_fraction=0.25"]),
+    "ae-published": ("alphaedit", None, PUBLISHED),
+    "de-eta1.5": ("deltaedit", "paper", ["eta=1.5"]),
+    "de-eta5": ("deltaedit", "paper", ["eta=5"]),
+    "de-targeted-always": ("deltaedit", "paper", ["constraint=targeted", "trigger=always"]),
+    "de-published": ("deltaedit", "paper", PUBLISHED),
+    "ae-kl-last": ("alphaedit", None, ["kl_position=last"]),
+}
+
+
+def command(name: str, out: Path, args: argparse.Namespace) -> list[str]:
+    method, preset, sets = VARIANTS[name]
+    run_dir = out / name
+    cmd = [sys.executable, "-m", "deltaedit.cli", "run", "--quiet", "--threads", "1", "--out", str(run_dir)]
+    if (run_dir / "run.json").is_file():
+        return [*cmd, "--resume"]
+    cmd += ["--method", method, "--dataset", args.dataset, "--n-edits", str(args.n_edits)]
+    cmd += ["--checkpoints", args.checkpoints]
+    if preset:
+        cmd += ["--preset", preset]
+    for value in sets:
+        cmd += ["--set", value]
+    return cmd
+
+
+def finished(run_dir: Path, n_edits: int) -> bool:
+    path = run_dir / "metrics.json"
+    if not path.is_file():
+        return False
+    return any(c["n_edits"] >= n_edits for c in json.loads(path.read_text())["checkpoints"])
+
+
+def run_one(name: str, out: Path, args: argparse.Namespace) -> str:
+    run_dir = out / name
+    if finished(run_dir, args.n_edits):
+        return f"{name}: already finished"
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    with open(out / f"{name}.log", "a") as log:
+        code = subprocess.call(command(name, out, args), stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
+    return f"{name}: exit {code} after {(time.time() - started) / 60:.0f} min"
+
+
+def row(name: str, run_dir: Path) -> str | None:
+    path = run_dir / "metrics.json"
+    if not path.is_file():
+        return None
+    document = json.loads(path.read_text())
+    if not document["checkpoints"]:
+        return None
+    last = document["checkpoints"][-1]
+    cf, stream, diag = last["metrics"]["counterfact"], last["metrics"].get("stream", {}), last["diagnostics"]
+
+    def pct(value):
+        return "" if value is None else f"{100 * value:.1f}"
+
+    seconds = last["seconds"] / max(last["n_edits"], 1)
+    cells = [
+        name,
+        str(last["n_edits"]),
+        pct(cf["efficacy_top"]),
+        pct(cf["generalization_top"]),
+        pct(cf["specificity_top"]),
+        pct(cf["efficacy_larger"]),
+        pct(stream.get("held_when_made")),
+        pct(stream.get("kept_of_held")),
+        str(stream.get("eroded", "")),
+        "" if diag.get("noise_E") is None else f"{diag['noise_E']:.0f}",
+        pct(diag.get("triggered_share")),
+        "" if diag.get("removed_rank_mean") is None else f"{diag['removed_rank_mean']:.0f}",
+        f"{seconds:.1f}",
+    ]
+    return "| " + " | ".join(cells) + " |"
+
+
+def table(out: Path, names: list[str]) -> str:
+    head = (
+        "| variant | edits | Eff. top | Gen. top | Spe. top | Eff. larger | held when made | still held "
+        "| eroded | noise_E | triggered | dirs removed | s/edit |"
+    )
+    lines = [head, "|---|" + "---:|" * (head.count("|") - 2)]
+    lines += [r for r in (row(n, out / n) for n in names) if r]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("variants", nargs="*", help=f"default: all, in this order: {', '.join(VARIANTS)}")
+    parser.add_argument("--out", type=Path, required=True, help="folder of the run directories (outside the repo)")
+    parser.add_argument("--dataset", default="counterfact-val")
+    parser.add_argument("--n-edits", type=int, default=500)
+    parser.add_argument("--checkpoints", default="50,100,200,300,400,500")
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--table", action="store_true", help="only print the table of what is there")
+    args = parser.parse_args()
+    names = args.variants or list(VARIANTS)
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
+    out = args.out.expanduser()
+    if not args.table:
+        with ThreadPoolExecutor(args.jobs) as pool:
+            for message in pool.map(lambda n: run_one(n, out, args), names):
+                print(message, flush=True)
+    print(table(out, names))
+
+
+if __name__ == "__main__":
+    main()
