@@ -17,8 +17,9 @@ from deltaedit import Editor, EditRequest
 from deltaedit.data.records import EditRecord
 from deltaedit.diagnostics import condition_number, diagnose
 from deltaedit.evaluate import baseline, evaluate
-from deltaedit.methods import Decision, LayerUpdate
+from deltaedit.methods import Decision
 from deltaedit.models import out_weight
+from deltaedit.updates import LowRankUpdate
 
 
 def column(*values: float) -> torch.Tensor:
@@ -35,8 +36,8 @@ def stand_in_editor(edits: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, 
             proj.weight.add_(alpha @ beta.T)
             applied.append(
                 SimpleNamespace(
-                    updates={0: LayerUpdate(alpha, beta, key)},
-                    decision=Decision(triggered=triggered, rank=rank),
+                    updates={0: LowRankUpdate(alpha, beta, key)},
+                    decision=Decision(triggered, {"rank": rank}),
                     requests=("request",),
                 )
             )

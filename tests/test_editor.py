@@ -18,7 +18,7 @@ import torch
 from conftest import corpus_paragraphs, fast_config, tiny_model
 from safetensors.torch import load_file
 
-import deltaedit.editor as editor_module
+import deltaedit.methods.locate as editor_module
 import deltaedit.stats as stats_module
 from deltaedit import DeltaEditConfig, Editor, EditRequest, RequestError
 from deltaedit.corpus import generated_texts, resolve_corpus
@@ -107,8 +107,7 @@ def test_edit_result_and_ledger(tokenizer, corpus_file):
     assert first.requests == (REQUESTS[0],)
     assert 1 <= first.steps <= 12
     assert 0 < first.target_prob <= 1 and isinstance(first.success, bool)
-    assert first.score is None and first.threshold is None  # AlphaEdit makes no decision
-    assert first.triggered is False and first.rank == 0
+    assert first.metrics == {} and first.triggered is False  # AlphaEdit makes no decision
     assert first.seconds > 0
 
     d_model, d_ff = editor.parts.d_model, editor.parts.d_ff
@@ -448,13 +447,13 @@ def test_deltaedit_scores_and_thresholds_follow_the_ema(tokenizer, corpus_file):
             editor.model(**ids)
         key = seen[0][0, -1]  # the subject is the prompt's last token
         result = editor.edit(request)[0]
-        assert result.score == pytest.approx(float((history @ key).pow(2).sum()), rel=1e-3, abs=1e-9)
-        assert result.threshold == pytest.approx(m + 2.0 * v**0.5, rel=1e-6, abs=1e-12)
+        assert result.metrics["score"] == pytest.approx(float((history @ key).pow(2).sum()), rel=1e-3, abs=1e-9)
+        assert result.metrics["threshold"] == pytest.approx(m + 2.0 * v**0.5, rel=1e-6, abs=1e-12)
         assert result.triggered is False  # still warming up
-        m = 0.9 * m + 0.1 * result.score
-        v = 0.9 * v + 0.1 * (result.score - m) ** 2
+        m = 0.9 * m + 0.1 * result.metrics["score"]
+        v = 0.9 * v + 0.1 * (result.metrics["score"] - m) ** 2
     assert REQUESTS[0].text.endswith("Darrieux")
-    assert editor.applied[1].result.score > 0  # the history responds to later keys
+    assert editor.applied[1].result.metrics["score"] > 0  # the history responds to later keys
     assert torch.allclose(editor.method.history, editor.weight_delta(critical), atol=1e-6)
 
 
@@ -477,13 +476,14 @@ def test_deltaedit_triggered_edit_is_orthogonal_to_the_history(tokenizer, corpus
         histories.append(editor.weight_delta(critical))
         editor.edit(request)
     results = [a.result for a in editor.applied]
-    assert results[0].triggered is False and results[0].score == 0.0  # empty history, warm-up
+    assert results[0].triggered is False and results[0].metrics["score"] == 0.0  # empty history, warm-up
     for e in (1, 2):
         result, history, delta = results[e], histories[e], found[e]
-        assert result.triggered is True and result.score > result.threshold
-        assert result.rank == e == torch.linalg.matrix_rank(history).item()  # one direction per earlier edit
+        assert result.triggered is True and result.metrics["score"] > result.metrics["threshold"]
+        rank = result.metrics.get("rank", 0)
+        assert rank == e == torch.linalg.matrix_rank(history).item()  # one direction per earlier edit
         u, s, _ = torch.linalg.svd(history.double())
-        basis = u[:, : result.rank]
+        basis = u[:, : result.metrics.get("rank", 0)]
         assert (basis.T @ delta.double()).norm() < 1e-5 * delta.norm()
         assert delta.norm() > 0
         assert editor.applied[e].decision.triggered is True

@@ -15,7 +15,7 @@ from conftest import corpus_paragraphs, tiny_model
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-import deltaedit.editor as editor_module
+import deltaedit.methods.locate as editor_module
 from deltaedit import EditError, EditFailure, Editor, EditRequest, Ledger, RequestError
 from deltaedit.requests import check_tokenization
 from deltaedit.target import TargetResult
@@ -167,7 +167,8 @@ def make_editor(tokenizer, corpus, ledger=None, **changes):
 @pytest.mark.parametrize(
     "changes, field, words",
     [
-        ({"lr": float("inf")}, "target", "diverged"),  # Adam with an infinite step: the loss turns NaN
+        # Adam with an enormous step and no clamp: the residual stream overflows and the loss turns NaN
+        ({"lr": 1e37, "clamp_norm_factor": 3e38}, "target", "diverged"),
         ({"l2": 0.0, "nullspace_threshold": -1.0}, "update", "singular"),  # P0 = 0 and no ridge: a zero system
     ],
 )
@@ -183,6 +184,12 @@ def test_numerical_faults_are_rejected_and_change_nothing(tokenizer, corpus_file
     entries = Ledger(tmp_path / "run").entries()
     assert [(e.kind, e.data["field"], e.data["error"]) for e in entries] == [("rejected", field, "EditFailure")] * 3
     assert entries[1].data["requests"] == [GOOD[1].to_dict()] and words in entries[1].data["reason"]
+
+
+@pytest.mark.parametrize("option", ["lr", "eta", "l2"])
+def test_a_non_finite_option_is_refused_when_the_config_is_made(tokenizer, corpus_file, option):
+    with pytest.raises(ValueError, match=f"^{option}: must be a finite number, not nan"):
+        make_editor(tokenizer, corpus_file, **{option: float("nan")})
 
 
 def test_a_non_finite_target_vector_stops_or_is_skipped(tokenizer, corpus_file, tmp_path, monkeypatch):

@@ -97,7 +97,7 @@ def test_manifest_and_edit_entries(tokenizer, corpus_file, tmp_path):
     run = tmp_path / "run"
     editor = make_editor(tokenizer, corpus_file, ledger=run)
     manifest = json.loads((run / "manifest.json").read_text())
-    assert manifest["format"] == "deltaedit-ledger" and manifest["format_version"] == 1
+    assert manifest["format"] == "deltaedit-ledger" and manifest["format_version"] == 2
     assert manifest["method"] == "deltaedit" and manifest["config"] == editor.config.to_dict()
     assert manifest["config_fingerprint"] == editor.config.fingerprint()
     assert manifest["base_fingerprint"] == fingerprint(new_model())
@@ -112,13 +112,9 @@ def test_manifest_and_edit_entries(tokenizer, corpus_file, tmp_path):
         assert entry.requests() == applied.requests
         assert data["method"] == "deltaedit" and data["config_fingerprint"] == editor.config.fingerprint()
         assert data["layers"] == LAYERS and data["critical_layer"] == 1 and data["rank"] == 1
-        assert data["decision"] == {
-            "score": result.score,
-            "threshold": result.threshold,
-            "triggered": result.triggered,
-            "rank": result.rank,
-            "extra": {"history_empty": applied.edit_id == 0},
-        }
+        assert data["decision"] == {"triggered": result.triggered, "metrics": result.metrics}
+        assert result.metrics["history_empty"] == (applied.edit_id == 0) and "score" in result.metrics
+        assert data["update_kinds"] == {str(layer): "lowrank" for layer in LAYERS}
         assert data["result"]["target_prob"] == result.target_prob and data["result"]["steps"] == result.steps
         assert data["self_response"] == applied.self_response and data["created"] == applied.created
         assert abs(data["time"] - time.time()) < 600 and data["utc"].endswith("+00:00")
@@ -276,9 +272,10 @@ def test_failed_append_rolls_the_edit_back(tokenizer, corpus_file, tmp_path, mon
 
 KILL_CHILD = r"""
 import sys, torch
-from deltaedit.editor import AppliedEdit, EditResult
+from deltaedit.applied import AppliedEdit, EditResult
 from deltaedit.ledger import Ledger
-from deltaedit.methods.base import Decision, LayerUpdate
+from deltaedit.methods.base import Decision
+from deltaedit.updates import LowRankUpdate
 from deltaedit.requests import EditRequest
 
 ledger = Ledger(sys.argv[1])
@@ -289,9 +286,9 @@ request = EditRequest("The capital of {}", "France", "Rome")
 print("ready", flush=True)
 for i in range(start, start + 100000):
     g = torch.Generator().manual_seed(i)
-    updates = {l: LayerUpdate(torch.randn(64, 1, generator=g), torch.randn(4096, 1, generator=g),
+    updates = {l: LowRankUpdate(torch.randn(64, 1, generator=g), torch.randn(4096, 1, generator=g),
                               torch.randn(4096, 1, generator=g)) for l in (0, 1)}
-    result = EditResult(i, (request,), 1, 0.5, True, None, None, False, 0, 0.0)
+    result = EditResult(i, (request,), 1, 0.5, True, 0.0)
     ledger.append(AppliedEdit(i, (request,), updates, Decision(), updates[1].keys, 1.0, result))
     if i % 3 == 0:
         ledger.reject(request, "injected", "target_new")

@@ -17,12 +17,12 @@ from deltaedit.methods import (
     Decision,
     DeltaEdit,
     DeltaEditConfig,
-    LayerUpdate,
     MethodConfig,
     method_class,
 )
 from deltaedit.methods.alphaedit import nullspace_projector
 from deltaedit.methods.deltaedit import ThresholdTracker
+from deltaedit.updates import LowRankUpdate
 
 CPU = torch.device("cpu")
 
@@ -64,7 +64,7 @@ def test_nullspace_threshold_modes():
 
 def make_alphaedit(moment: torch.Tensor, layer: int = 3, **options) -> AlphaEdit:
     method = AlphaEdit(AlphaEditConfig(layers=(layer,), **options))
-    method.setup({layer: moment}, {layer: CPU}, d_model=8)
+    method.build({layer: moment}, {layer: CPU}, d_model=8)
     return method
 
 
@@ -102,7 +102,7 @@ def test_alphaedit_solve_matches_the_design_formula_and_commit_accumulates_kp():
     left, right = method.solve(3, k1, r1)
     assert torch.allclose((left @ right.T).double(), expected(k1, r1, torch.zeros(d_ff, d_ff).double()), atol=1e-5)
 
-    method.commit({3: LayerUpdate(left, right, k1)}, Decision())
+    method.commit({3: LowRankUpdate(left, right, k1)}, Decision())
     assert torch.allclose(method.key_moments[3], k1 @ k1.T, atol=1e-6)
 
     k2, r2 = rand(d_ff, 1, seed=8), rand(d_model, 1, seed=9)
@@ -113,7 +113,7 @@ def test_alphaedit_solve_matches_the_design_formula_and_commit_accumulates_kp():
     assert left2.shape == (d_model, 1) and right2.shape == (d_ff, 1)
     assert torch.equal(left2, r2)
 
-    method.revert({3: LayerUpdate(left, right, k1)})
+    method.revert({3: LowRankUpdate(left, right, k1)})
     assert method.key_moments[3].abs().max() < 1e-5
 
 
@@ -135,7 +135,7 @@ def test_alphaedit_state_dict_round_trip():
     moment, _ = low_rank_moment(12, 3, seed=13)
     first = make_alphaedit(moment)
     keys = rand(12, 2, seed=14)
-    first.commit({3: LayerUpdate(rand(8, 2, seed=15), rand(12, 2, seed=16), keys)}, Decision())
+    first.commit({3: LowRankUpdate(rand(8, 2, seed=15), rand(12, 2, seed=16), keys)}, Decision())
     second = make_alphaedit(moment)
     second.load_state_dict(first.state_dict())
     assert torch.equal(second.key_moments[3], first.key_moments[3])
@@ -231,15 +231,15 @@ def make_deltaedit(d_model: int = 12, d_ff: int = 20, **options) -> DeltaEdit:
     config = DeltaEditConfig(layers=(0, 1), **options)
     method = DeltaEdit(config)
     moments = {0: low_rank_moment(d_ff, 4, seed=20)[0], 1: low_rank_moment(d_ff, 4, seed=21)[0]}
-    method.setup(moments, {0: CPU, 1: CPU}, d_model)
+    method.build(moments, {0: CPU, 1: CPU}, d_model)
     return method
 
 
-def commit_rank_one(method: DeltaEdit, seed: int, decision: Decision) -> LayerUpdate:
+def commit_rank_one(method: DeltaEdit, seed: int, decision: Decision) -> LowRankUpdate:
     d_model, d_ff = method.history.shape
     keys = rand(d_ff, 1, seed=seed + 1000)
-    critical = LayerUpdate(rand(d_model, 1, seed=seed), rand(d_ff, 1, seed=seed + 500), keys)
-    lower = LayerUpdate(rand(d_model, 1, seed=seed + 7), rand(d_ff, 1, seed=seed + 8), keys)
+    critical = LowRankUpdate(rand(d_model, 1, seed=seed), rand(d_ff, 1, seed=seed + 500), keys)
+    lower = LowRankUpdate(rand(d_model, 1, seed=seed + 7), rand(d_ff, 1, seed=seed + 8), keys)
     method.commit({0: lower, 1: critical}, decision)
     return critical
 
@@ -252,8 +252,8 @@ def test_deltaedit_triggers_after_warmup_and_projects_out_the_history():
         key = rand(20, 1, seed=300 + e)
         projector, decision = method.influence_projector(key)
         want_score = float((method.history @ key).pow(2).sum())
-        assert decision.score == pytest.approx(want_score, rel=1e-5)
-        assert projector is None and decision.triggered is False and decision.rank == 0  # warm-up
+        assert decision.metrics["score"] == pytest.approx(want_score, rel=1e-5)
+        assert projector is None and decision.triggered is False and decision.metrics.get("rank", 0) == 0  # warm-up
         critical_updates.append(commit_rank_one(method, seed=e, decision=decision))
 
     hist = sum(u.left @ u.right.T for u in critical_updates)
@@ -263,8 +263,8 @@ def test_deltaedit_triggers_after_warmup_and_projects_out_the_history():
     # A key the history responds to strongly: s_e far above m + eta sqrt(v).
     key = critical_updates[0].right * 100
     projector, decision = method.influence_projector(key)
-    assert decision.triggered is True and decision.score > decision.threshold
-    assert decision.rank == 3  # three rank-one updates, all kept (3 <= 3/4 * 12)
+    assert decision.triggered is True and decision.metrics["score"] > decision.metrics["threshold"]
+    assert decision.metrics.get("rank", 0) == 3  # three rank-one updates, all kept (3 <= 3/4 * 12)
     assert projector.shape == (12, 12)
     assert (projector @ hist).norm() < 1e-4 * hist.norm()
     assert torch.allclose(projector, projector.T, atol=1e-6)
@@ -288,7 +288,7 @@ def test_deltaedit_caps_the_removed_directions_to_the_largest():
     left[torch.arange(5), torch.arange(5)] = scales
     method.history = left @ rows.T  # column space: axes 0..4, singular values 1, 5, 3, 0.5, 2
     projector, decision = method.influence_projector(rand(20, 1, seed=77))
-    assert decision.triggered and decision.rank == 2
+    assert decision.triggered and decision.metrics.get("rank", 0) == 2
     # only the two largest directions (axes 1 and 2) are removed
     assert torch.allclose(projector, torch.diag(torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0])), atol=1e-5)
 
@@ -299,7 +299,7 @@ def test_deltaedit_lowrank_projection_option():
     big = big / big.norm()
     method.history += 10 * big @ rand(1, 20, seed=51)
     projector, decision = method.influence_projector(rand(20, 1, seed=52))
-    assert decision.triggered and 1 <= decision.rank <= 16 // 4
+    assert decision.triggered and 1 <= decision.metrics.get("rank", 0) <= 16 // 4
     assert (projector @ big).norm() < 1e-3
 
 
@@ -308,14 +308,14 @@ def test_deltaedit_norm_threshold_option_compares_the_plain_norm():
     method.history += rand(12, 20, seed=60)
     key = rand(20, 1, seed=61)
     _, decision = method.influence_projector(key)
-    assert decision.score == pytest.approx(float((method.history @ key).norm()), rel=1e-5)
+    assert decision.metrics["score"] == pytest.approx(float((method.history @ key).norm()), rel=1e-5)
 
 
 def test_deltaedit_state_dict_and_revert():
     method = make_deltaedit(warmup=0)
-    d = Decision(score=2.0, threshold=0.0, triggered=False)
+    d = Decision(False, {"score": 2.0, "threshold": 0.0})
     first = commit_rank_one(method, seed=70, decision=d)
-    second = commit_rank_one(method, seed=71, decision=Decision(score=3.0, threshold=0.0, triggered=False))
+    second = commit_rank_one(method, seed=71, decision=Decision(False, {"score": 3.0, "threshold": 0.0}))
     copy = make_deltaedit(warmup=0)
     copy.load_state_dict(method.state_dict())
     assert torch.equal(copy.history, method.history)
@@ -344,13 +344,13 @@ def test_ema_init_first_starts_from_the_first_non_empty_history():
 def test_deltaedit_first_edit_decision_says_the_history_was_empty():
     method = make_deltaedit(ema_init="first", warmup=0, two_sided=True)  # v == 0: nothing triggers yet
     _, decision = method.influence_projector(rand(20, 1, seed=1))
-    assert decision.extra["history_empty"] is True and decision.score == 0.0
+    assert decision.metrics["history_empty"] is True and decision.metrics["score"] == 0.0
     commit_rank_one(method, seed=2, decision=decision)
     assert method.tracker.updates == 0  # the empty history's score was not folded in
     _, decision = method.influence_projector(rand(20, 1, seed=3))
-    assert decision.extra["history_empty"] is False
+    assert decision.metrics["history_empty"] is False
     commit_rank_one(method, seed=4, decision=decision)
-    assert method.tracker.mean == pytest.approx(decision.score)
+    assert method.tracker.mean == pytest.approx(decision.metrics["score"])
 
 
 def test_two_sided_test_triggers_below_the_mean_and_only_once_the_variance_is_positive():
@@ -404,9 +404,9 @@ def test_score_key_prompt_reads_the_bare_prompts_key():
     mean = per_context.reshape(20, 2, 3).mean(2)
     _, decision = method.influence_projector(mean, per_context)
     bare = per_context[:, [0, 3]]
-    assert decision.score == pytest.approx(float((method.history @ bare).pow(2).sum(0).mean()), rel=1e-5)
+    assert decision.metrics["score"] == pytest.approx(float((method.history @ bare).pow(2).sum(0).mean()), rel=1e-5)
     _, averaged = make_deltaedit(warmup=0).influence_projector(mean, per_context)
-    assert averaged.score == 0.0  # that one's history is still empty
+    assert averaged.metrics["score"] == 0.0  # that one's history is still empty
 
 
 def test_lowrank_takes_its_rank_from_cap_fraction():
@@ -419,7 +419,7 @@ def test_lowrank_takes_its_rank_from_cap_fraction():
         state = torch.random.get_rng_state()
         projector, decision = method.influence_projector(rand(20, 1, seed=92))
         assert torch.equal(torch.random.get_rng_state(), state)  # no global RNG touched
-        assert decision.triggered and decision.rank == want
+        assert decision.triggered and decision.metrics.get("rank", 0) == want
         again, _ = method.influence_projector(rand(20, 1, seed=92))
         assert torch.equal(projector, again)  # seeded: the same directions every time
 
@@ -431,7 +431,7 @@ def test_absolute_eigenvalue_cut():
     left[torch.arange(3), torch.arange(3)] = torch.tensor([2.0, 0.5, 3.0])  # eigenvalues of D: 4, 0.25, 9
     method.history = left @ rows.T
     _, decision = method.influence_projector(rand(20, 1, seed=42))
-    assert decision.rank == 2  # 0.25 <= 1 is not removed
+    assert decision.metrics.get("rank", 0) == 2  # 0.25 <= 1 is not removed
 
 
 def test_include_response_weights_the_directions_this_edit_fires():
@@ -447,7 +447,7 @@ def test_include_response_weights_the_directions_this_edit_fires():
         method = make_deltaedit(d_model=8, eta=0.0, warmup=0, cap_fraction=1 / 8, include_response=include)
         method.history = history.clone()
         projector, decision = method.influence_projector(key)
-        assert decision.rank == 1
+        assert decision.metrics.get("rank", 0) == 1
         kept[include] = projector.diagonal()[:2].tolist()
     assert kept[False] == pytest.approx([0.0, 1.0], abs=1e-5)  # the stronger history direction
     assert kept[True] == pytest.approx([1.0, 0.0], abs=1e-5)  # the one this key fires
@@ -460,13 +460,13 @@ def test_targeted_constraint_removes_only_the_responses_of_this_edits_keys():
     keys = per_context.mean(1, keepdim=True)
     projector, decision = method.influence_projector(keys, per_context)
     responses = method.history @ per_context
-    assert decision.rank == 3  # three prompts; their mean's response is in their span
+    assert decision.metrics.get("rank", 0) == 3  # three prompts; their mean's response is in their span
     assert (projector @ responses).norm() < 1e-4 * responses.norm()
     assert round(torch.trace(projector).item()) == 12 - 3
     full, paper = make_deltaedit(d_model=12, eta=0.0, warmup=0), None
     full.history = method.history.clone()
     _, paper = full.influence_projector(keys, per_context)
-    assert paper.rank == 9  # the paper's constraint: 3/4 of d_model here
+    assert paper.metrics.get("rank", 0) == 9  # the paper's constraint: 3/4 of d_model here
 
 
 def test_targeted_constraint_with_neighbors_adds_the_most_similar_past_keys():
@@ -476,14 +476,14 @@ def test_targeted_constraint_with_neighbors_adds_the_most_similar_past_keys():
     method.past_keys = [far, near]
     key = near + 0.01 * rand(20, 1, seed=113)
     projector, decision = method.influence_projector(key, key)
-    assert decision.rank == 2  # the edit's own key and its nearest past key
+    assert decision.metrics.get("rank", 0) == 2  # the edit's own key and its nearest past key
     assert (projector @ (method.history @ near)).norm() < 1e-4 * (method.history @ near).norm()
     assert (projector @ (method.history @ far)).norm() > 0.1 * (method.history @ far).norm()
 
 
 def test_past_keys_follow_commit_revert_and_state_dict():
     method = make_deltaedit(warmup=0, neighbors=2, constraint="targeted")
-    decision = Decision(score=0.0, threshold=0.0, triggered=False)
+    decision = Decision(False, {"score": 0.0, "threshold": 0.0})
     first = commit_rank_one(method, seed=120, decision=decision)
     second = commit_rank_one(method, seed=121, decision=decision)
     assert [torch.equal(k, u.keys) for k, u in zip(method.past_keys, (first, second), strict=True)] == [True, True]
@@ -503,7 +503,7 @@ def test_registry():
     assert {"alphaedit", "deltaedit"} <= set(METHODS)
     assert method_class("alphaedit") is AlphaEdit
     assert method_class("DeltaEdit") is DeltaEdit
-    assert DeltaEdit.config_class is DeltaEditConfig and AlphaEdit.needs_stats
+    assert DeltaEdit.config_class is DeltaEditConfig and AlphaEdit.needs_statistics
     with pytest.raises(ValueError, match="nope") as info:
         method_class("nope")
     assert "alphaedit" in str(info.value) and "deltaedit" in str(info.value)

@@ -1,7 +1,9 @@
 """deltaedit: sequential knowledge editing of causal language models (DeltaEdit, AlphaEdit, ...)."""
 
-from .editor import AppliedEdit, Editor, EditResult
-from .ledger import BaseModelMismatchError, Ledger, LedgerEntry, LedgerError, apply_edits
+from .applied import AppliedEdit, EditResult
+from .editor import Editor
+from .edits_file import apply_edits
+from .ledger import BaseModelMismatchError, Ledger, LedgerEntry, LedgerError
 from .methods import METHODS, AlphaEditConfig, DeltaEditConfig, MethodConfig
 from .models import ModelLoadError, ModelStructureError, find_parts, load_model
 from .requests import EditError, EditFailure, EditRequest, RequestError

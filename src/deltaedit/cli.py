@@ -223,9 +223,11 @@ def cmd_edit(args) -> int:
     editor.prepare()
     result = editor.edit(request)[0]
     print(f"after:  {_show_top(editor, request.text, args.top)}")
+    decisions = [editor.applied[-1].decision]
+    said = editor.method.summary(decisions)
     print(
-        f"{args.method}: {result.steps} steps, P(target)={result.target_prob:.3f}, "
-        f"{'triggered' if result.triggered else 'no'} orthogonal constraint, {result.seconds:.1f} s"
+        f"{args.method}: {result.steps} steps, P(target)={result.target_prob:.3f}, {result.seconds:.1f} s"
+        + (f"; {said}" if said else "")
     )
     return 0 if result.success else 1
 
@@ -255,9 +257,8 @@ def cmd_demo(args) -> int:
     started = time.perf_counter()
     editor.prepare()
     stats_seconds = time.perf_counter() - started
-    results = []
     for request in tqdm(requests, desc=f"editing with {args.method}", disable=args.quiet, unit="edit"):
-        results.extend(editor.edit(request))
+        editor.edit(request)
     edit_seconds = time.perf_counter() - started - stats_seconds
 
     final = score_answers(model, parts, tok, [r.text for r in requests], [r.target_new for r in requests])
@@ -277,11 +278,11 @@ def cmd_demo(args) -> int:
     hits = sum(s.greedy for s in final)
     kept = sum(a.greedy == b.greedy for a, b in zip(controls_before, controls_after, strict=True) if b.greedy)
     known = sum(b.greedy for b in controls_before)
-    triggered = sum(r.triggered for r in results)
+    said = editor.method.summary([a.decision for a in editor.applied])
     print(f"\nedits that are the greedy prediction after all {len(requests)} edits: {hits}/{len(requests)}")
     print(f"control prompts that kept their answer: {kept}/{known}")
     print(
-        f"method {args.method}: orthogonal constraint triggered on {triggered} edits; "
+        f"method {args.method}: {said + '; ' if said else ''}"
         f"statistics {stats_seconds:.0f} s, editing {edit_seconds:.0f} s "
         f"({edit_seconds / max(len(requests), 1):.1f} s per edit)"
     )

@@ -60,14 +60,18 @@ def layer_diagnostics(editor, layer: int, condition: bool = True) -> dict[str, f
     keys, rights, key_owner, right_owner, self_terms = [], [], [], [], []
     for index, applied in enumerate(editor.applied):
         update = applied.updates.get(layer)
-        if update is None:  # an edit that did not touch this layer
+        if update is None or getattr(update, "keys", None) is None:  # an edit that did not touch this layer
             continue
-        k, left, right = (_row_major(t, device) for t in (update.keys, update.left, update.right))
-        self_terms.append(((left @ (right.T @ k)) ** 2).sum(0))  # ||Delta_e k||² per request
+        k = _row_major(update.keys, device)
+        if update.kind == "lowrank":
+            left, right = _row_major(update.left, device), _row_major(update.right, device)
+            self_terms.append(((left @ (right.T @ k)) ** 2).sum(0))  # ||Delta_e k||² per request
+            rights.append(right)
+            right_owner += [index] * right.shape[1]
+        else:  # k^T beta needs activation vectors: dense and sparse updates have none
+            self_terms.append((update.response(k) ** 2).sum(0))
         keys.append(k)
-        rights.append(right)
         key_owner += [index] * k.shape[1]
-        right_owner += [index] * right.shape[1]
 
     out: dict[str, float | int | None] = {
         "n_requests": len(key_owner),
@@ -83,7 +87,8 @@ def layer_diagnostics(editor, layer: int, condition: bool = True) -> dict[str, f
         total_sq = torch.cat([((delta @ chunk) ** 2).sum(0) for chunk in all_keys.split(CHUNK, 1)]).double()
         out["noise_E"] = _finite((total_sq - self_sq).mean())
         out["self_E"] = _finite(self_sq.mean())
-        out.update(_wrong_activation(all_keys, torch.cat(rights, 1), key_owner, right_owner))
+        if rights:
+            out.update(_wrong_activation(all_keys, torch.cat(rights, 1), key_owner, right_owner))
     if condition:
         out["cond"] = condition_number(out_weight(editor.parts.out_projs[layer]))
         out["cond_original"] = condition_number(editor.original_weights[layer])
@@ -131,7 +136,9 @@ def diagnose(editor, layers: Sequence[int] | None = None, condition: bool = True
         "critical_layer": critical,
         "triggered": len(triggered),
         "triggered_share": len(triggered) / len(decisions) if decisions else None,
-        "removed_rank_mean": sum(d.rank for d in triggered) / len(triggered) if triggered else None,
+        "removed_rank_mean": (
+            sum(d.metrics.get("rank", 0) for d in triggered) / len(triggered) if triggered else None
+        ),
     }
     for name in ("noise_E", "self_E", "ktb", "ktb_abs", "delta_norm", "cond"):
         out[name] = per_layer[str(critical)].get(name)

@@ -1,22 +1,20 @@
-"""The Editor: owns a model, one method, its caches and running state, and applies edits in sequence.
+"""The Editor: owns a model, one method and its running state, and applies edits in sequence.
 
-One edit (a request or a small batch) runs the locate-then-edit loop:
+What every method shares lives here; what a method computes lives in the method (``deltaedit.methods``):
 
 1. validate every request against the tokenizer (nothing is touched if one is bad);
-2. read the pre-edit keys at all edited layers and the critical block's output in one forward pass;
-3. ask the method whether to constrain the target vector (DeltaEdit's decision), then optimize it;
-4. for each edited layer, lowest first: re-read keys and the critical output with the weights as they
-   now are, give the layer its share of the missing residual, solve, and add the low-rank update;
-5. commit the edit into the method's running state and the history.
+2. ``method.compute(context, requests)``: the method reads the model and writes each layer's update through
+   ``context.write``, which finalizes the update and writes the layer as the method composes it;
+3. measure the edit, fold it into the method's running state (``commit``) and record it in the ledger.
 
-Steps 2-4 run against a snapshot of the edited weights: any exception restores them, so an edit lands
-on all its layers or on none. With a ledger (``Editor(..., ledger=dir)``) the edit is committed when its
-ledger line is durable; if writing it fails, the weights and the method's state are rolled back.
+Step 2 runs against a snapshot of the edited weights: any exception restores them, so an edit lands on all
+its layers or on none. With a ledger (``Editor(..., ledger=dir)``) the edit is committed when its ledger line
+is durable; if writing it fails, the weights and the method's state are rolled back.
 
 The method's running state is a function of the recorded events (edits, undos, restores): replaying them
 in order rebuilds it bit for bit. That is how a failed ledger write is rolled back, how ``Editor.resume``
 continues a run and how ``from_edits`` / ``load_edits`` reload saved edits. ``undo`` recomputes each
-edited layer as W0 + the remaining updates (summed in float32, in order), never by subtracting.
+edited layer from W0 and the remaining updates (``method.compose``), never by subtracting.
 """
 
 from __future__ import annotations
@@ -27,66 +25,27 @@ import os
 import shutil
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .applied import AppliedEdit, EditResult, applied_from, edit_record, edit_tensors
 from .corpus import generated_texts, resolve_corpus
 from .defaults import default_config
-from .ledger import (
-    Ledger,
-    LedgerEntry,
-    LedgerError,
-    check_base_model,
-    edit_record,
-    edit_tensors,
-    read_edits_file,
-    since_restore,
-    write_edits_file,
-)
+from .edits_file import read_edits_file, write_edits_file
+from .ledger import Ledger, LedgerEntry, LedgerError, check_base_model, since_restore
 from .memory import release_memory
-from .methods import EditMethod, LayerUpdate, MethodConfig, method_class
-from .methods.base import Decision
+from .methods import EditMethod, MethodConfig, method_class
+from .methods.base import Computed, EditContext
 from .models import find_parts, fingerprint, out_weight, weight_digest
 from .predict import score_answers
 from .requests import EditError, EditFailure, EditRequest, RequestError, check_tokenization
 from .stats import second_moments
-from .target import optimize_target, read_keys
+from .updates import Update
 
 log = logging.getLogger(__name__)
 CONTEXT_STARTS = ("The", "Therefore", "Because", "I", "You")
-
-
-@dataclass
-class EditResult:
-    """What one edit did; ``target_prob`` is P(target_new | prompt) after the edit landed."""
-
-    edit_id: int
-    requests: tuple[EditRequest, ...]
-    steps: int
-    target_prob: float
-    success: bool  # target_new is now the greedy continuation of every request's prompt
-    score: float | None  # DeltaEdit's s_e
-    threshold: float | None
-    triggered: bool
-    rank: int
-    seconds: float
-
-
-@dataclass
-class AppliedEdit:
-    """An edit as it stands in the model: enough to report, diagnose and take it back."""
-
-    edit_id: int
-    requests: tuple[EditRequest, ...]
-    updates: dict[int, LayerUpdate]
-    decision: Decision
-    critical_key: torch.Tensor  # k_e at the critical layer (d_ff x n)
-    self_response: float  # ||Delta_e k_e||^2 at the critical layer
-    result: EditResult
-    created: float = field(default_factory=time.time)
 
 
 def _is_record(item: Any) -> bool:
@@ -113,11 +72,6 @@ def _to_request(item: Any) -> EditRequest:
     raise RequestError("requests", f"holds a {type(item).__name__}; give EditRequests, EditRecords or dicts")
 
 
-def _dense(update: LayerUpdate, device: torch.device) -> torch.Tensor:
-    """Delta = left right^T on ``device``: the one expression every weight write uses, so replays match."""
-    return update.left.to(device) @ update.right.to(device).T
-
-
 class Editor:
     """Sequentially edit ``model`` with one method.
 
@@ -142,9 +96,9 @@ class Editor:
         trim_memory: bool = True,
     ):
         self.model = model
-        self.trim_memory = trim_memory  # hand freed heap back to the system after each edit (see memory.py)
-        self.reuse_prefix = reuse_prefix  # False: recompute everything at every optimizer step (for checking)
         self.tokenizer = tokenizer
+        self.reuse_prefix = reuse_prefix  # False: recompute everything at every optimizer step (for checking)
+        self.trim_memory = trim_memory  # hand freed heap back to the system after each edit (see memory.py)
         self.parts = find_parts(model)
         method_cls = method_class(method)
         if isinstance(config, MethodConfig):
@@ -171,60 +125,92 @@ class Editor:
         # running state is a function of these, which is how it is rolled back and rebuilt exactly.
         self._events: list[tuple[str, Any]] = []
         self._next_id = 0
-        self._contexts: list[str] | None = None
+        self._prefixes: dict[tuple[int, int], list[str]] = {}
         self._ready = False
+        self.context = EditContext(
+            model=model,
+            parts=self.parts,
+            tokenizer=tokenizer,
+            reuse_prefix=reuse_prefix,
+            write=self._write,
+            base_weight=self.original_weights.__getitem__,
+            key_statistics=self._key_statistics,
+            prefixes=self._generated_prefixes,
+        )
         self.ledger: Ledger | None = None
         if ledger is not None:
             self._attach(ledger if isinstance(ledger, Ledger) else Ledger(ledger))
 
-    # ------------------------------------------------------------------ setup
-    @property
-    def contexts(self) -> list[str]:
-        """The bare prompt plus short generated prefixes (seeded), as MEMIT averages over."""
-        if self._contexts is None:
-            n = self.config.n_contexts
+    # ------------------------------------------------------------------ services for the method
+    def _generated_prefixes(self, count: int, length: int) -> list[str]:
+        """The bare prompt plus ``count`` short generated prefixes (seeded), made once from the unedited model."""
+        key = (count, length)
+        if key not in self._prefixes:
             texts = (
-                generated_texts(
-                    self.model,
-                    self.tokenizer,
-                    n,
-                    self.config.context_tokens,
-                    self.config.seed,
-                    CONTEXT_STARTS,
-                )
-                if n
+                generated_texts(self.model, self.tokenizer, count, length, self.config.seed, CONTEXT_STARTS)
+                if count
                 else []
             )
-            self._contexts = [""] + [t.replace("\n", " ").strip() + ". " for t in texts]
-        return self._contexts
+            self._prefixes[key] = [""] + [t.replace("\n", " ").strip() + ". " for t in texts]
+        return self._prefixes[key]
 
+    @property
+    def contexts(self) -> list[str]:
+        """The prompt prefixes the method reads keys and targets over (the bare prompt first)."""
+        return self.method.prefixes(self.context)
+
+    def _key_statistics(self, layers, corpus_name, samples: int, max_length: int) -> dict[int, torch.Tensor]:
+        corpus = resolve_corpus(corpus_name, self.data_dir)
+        if corpus.generated:
+            log.warning(
+                "no text corpus found: key statistics come from text the model generates "
+                "(set DELTAEDIT_DATA or stats_corpus for Wikipedia statistics)"
+            )
+        return second_moments(
+            self.model,
+            self.parts,
+            self.tokenizer,
+            layers,
+            corpus,
+            samples,
+            max_length,
+            self.base_fingerprint,
+            seed=self.config.seed,
+            progress=self.progress,
+            store=self.stats_store,
+        )
+
+    def _write(self, layer: int, update: Update) -> Update:
+        """``context.write``: finalize ``update`` (RECT's sparsification) and write it. Returns it as written."""
+        weight = out_weight(self.parts.out_projs[layer])
+        update = self.method.finalize_update(layer, update, weight.detach())
+        self._put(layer, update)
+        return update
+
+    def _put(self, layer: int, update: Update) -> None:
+        """Write layer ``layer`` as the method composes W0, the updates in force and ``update``: the one path of
+        every live and every replayed edit. The plain sum adds the update in place; other compositions (PRUNE)
+        recompute the layer from W0."""
+        weight = out_weight(self.parts.out_projs[layer])
+        if self.method.composes_by_sum:
+            new = update.dense(weight.device).to(weight.dtype)
+        else:
+            in_force = [a.updates[layer] for a in self.applied if layer in a.updates]
+            new = self.method.compose(layer, self.original_weights[layer], [*in_force, update]).to(weight.dtype)
+        if not torch.isfinite(new).all():
+            raise EditFailure(f"the update at layer {layer} is not finite in {weight.dtype}", None, "update")
+        with torch.no_grad():
+            if self.method.composes_by_sum:
+                weight.add_(new)
+            else:
+                weight.copy_(new)
+
+    # ------------------------------------------------------------------ setup
     def prepare(self) -> None:
-        """Compute or load the key statistics and build the method's state (done on first edit)."""
+        """Build the method's state (key statistics, projectors: computed or loaded once, on the first edit)."""
         if self._ready:
             return
-        moments: dict[int, torch.Tensor] = {}
-        if self.method.needs_stats:
-            corpus = resolve_corpus(self.config.stats_corpus, self.data_dir)
-            if corpus.generated:
-                log.warning(
-                    "no text corpus found: key statistics come from text the model generates "
-                    "(set DELTAEDIT_DATA or stats_corpus for Wikipedia statistics)"
-                )
-            moments = second_moments(
-                self.model,
-                self.parts,
-                self.tokenizer,
-                self.config.layers,
-                corpus,
-                self.config.stats_samples,
-                self.config.stats_max_length,
-                self.base_fingerprint,
-                seed=self.config.seed,
-                progress=self.progress,
-                store=self.stats_store,
-            )
-        devices = {i: self.parts.out_projs[i].weight.device for i in self.config.layers}
-        self.method.setup(moments, devices, self.parts.d_model)
+        self.method.setup(self.context)
         self._ready = True
 
     def manifest(self) -> dict[str, Any]:
@@ -315,79 +301,29 @@ class Editor:
     def _edit_batch(self, requests: list[EditRequest]) -> EditResult:
         self.prepare()
         started = time.perf_counter()
-        config, parts = self.config, self.parts
-        layers, critical = config.layers, config.critical_layer
+        layers = self.config.layers
         culprit = requests[0] if len(requests) == 1 else tuple(requests)
-        snapshot = {i: out_weight(parts.out_projs[i]).detach().clone() for i in layers}
+        snapshot = {i: out_weight(self.parts.out_projs[i]).detach().clone() for i in layers}
         state_touched = False
         try:
-            # the first layer's keys and the critical output, read before any weight changes, serve its solve too
-            first_read = read_keys(
-                self.model, parts, self.tokenizer, requests, self.contexts, sorted({layers[0], critical}), critical
-            )
             try:
-                projector, decision = self.method.influence_projector(
-                    first_read.keys[critical], first_read.per_context[critical]
-                )
-            except torch.linalg.LinAlgError as err:
-                raise EditFailure(
-                    f"the target vector's constraint could not be built ({err})", culprit, "target"
-                ) from err
-            deltas, z_init, steps = [], [], 0
-            for request in requests:
-                try:
-                    found = optimize_target(
-                        self.model,
-                        parts,
-                        self.tokenizer,
-                        request,
-                        self.contexts,
-                        critical,
-                        config.target_settings(),
-                        projector,
-                        getattr(config, "project_moments", False),
-                        reuse_prefix=self.reuse_prefix,
-                    )
-                except FloatingPointError as err:
-                    raise EditFailure(str(err), request, "target") from err
-                if not (torch.isfinite(found.delta).all() and torch.isfinite(found.z_init).all()):
-                    raise EditFailure(f"the target vector for {request.subject!r} is not finite", request, "target")
-                deltas.append(found.delta)
-                z_init.append(found.z_init)
-                steps = max(steps, found.steps)
-            z_star = (torch.stack(z_init, 1) + torch.stack(deltas, 1)).float()
-            updates = {}
-            for position, layer in enumerate(layers):
-                layer_keys, z_now, _ = (
-                    first_read
-                    if position == 0
-                    else read_keys(self.model, parts, self.tokenizer, requests, self.contexts, [layer], critical)
-                )
-                weight = out_weight(parts.out_projs[layer])
-                residual = (z_star.to(weight.device) - z_now.to(weight.device)) / (len(layers) - position)
-                try:
-                    left, right = self.method.solve(layer, layer_keys[layer].to(weight.device), residual)
-                except torch.linalg.LinAlgError as err:
-                    raise EditFailure(f"the solve at layer {layer} is singular ({err})", culprit, "update") from err
-                if not (torch.isfinite(left).all() and torch.isfinite(right).all()):
-                    raise EditFailure(f"the update at layer {layer} is not finite", culprit, "update")
-                # contiguous factors: a replay from the stored copies then multiplies exactly the same layout
-                update = LayerUpdate(left.contiguous(), right.contiguous(), layer_keys[layer].to(weight.device))
-                dense = _dense(update, weight.device).to(weight.dtype)
-                if not torch.isfinite(dense).all():
-                    raise EditFailure(f"the update at layer {layer} overflows {weight.dtype}", culprit, "update")
-                updates[layer] = update
-                with torch.no_grad():
-                    weight.add_(dense)
-            applied = self._measure(requests, updates, decision, steps, started)
+                computed = self.method.compute(self.context, requests)
+            except EditFailure as err:
+                if err.request is None:
+                    err.request = culprit
+                raise
+            missing = [layer for layer in layers if layer not in computed.updates]
+            if missing:
+                raise EditFailure(f"{self.method.name} wrote no update for layers {missing}", culprit, "update")
+            applied = self._measure(requests, computed, started)
             state_touched = True
-            self.method.commit(updates, decision)
+            self.method.commit(computed.updates, computed.decision)
             if self.ledger is not None:
                 self.ledger.append(applied)  # the commit point
         except BaseException:
             with torch.no_grad():
                 for i, saved in snapshot.items():
-                    out_weight(parts.out_projs[i]).copy_(saved)
+                    out_weight(self.parts.out_projs[i]).copy_(saved)
             if state_touched:
                 self._rebuild_state()
             raise
@@ -400,9 +336,8 @@ class Editor:
         self._next_id += 1
         return applied.result
 
-    def _measure(self, requests, updates, decision, steps, started) -> AppliedEdit:
+    def _measure(self, requests, computed: Computed, started: float) -> AppliedEdit:
         """The edit as it landed: its result (scored with the new weights) and what diagnostics need."""
-        critical = self.config.critical_layer
         scores = score_answers(
             self.model,
             self.parts,
@@ -410,22 +345,22 @@ class Editor:
             [r.text for r in requests],
             [r.target_new for r in requests],
         )
-        critical_key = updates[critical].keys
-        response = updates[critical].left @ (updates[critical].right.T @ critical_key)
+        critical = computed.updates[self.config.critical_layer]
+        critical_key = getattr(critical, "keys", None)
+        self_response = None if critical_key is None else float((critical.response(critical_key) ** 2).sum())
+        decision = computed.decision
         result = EditResult(
             edit_id=self._next_id,
             requests=tuple(requests),
-            steps=steps,
+            steps=computed.steps,
             target_prob=sum(s.prob for s in scores) / len(scores),
             success=all(s.greedy for s in scores),
-            score=decision.score,
-            threshold=decision.threshold,
-            triggered=decision.triggered,
-            rank=decision.rank,
             seconds=time.perf_counter() - started,
+            triggered=decision.triggered,
+            metrics=decision.metrics,
         )
         return AppliedEdit(
-            self._next_id, tuple(requests), updates, decision, critical_key, float((response**2).sum()), result
+            self._next_id, tuple(requests), computed.updates, decision, critical_key, self_response, result
         )
 
     # ------------------------------------------------------------------ undo
@@ -466,16 +401,13 @@ class Editor:
         self._events.append(("undo", targets))
 
     def _weights_of(self, edits: Sequence[AppliedEdit]) -> dict[int, torch.Tensor]:
-        """Each edited layer as W0 + the updates of ``edits`` summed in float32 in order, in the model's dtype.
-
-        For a float32 model this is bit for bit the weight the edits left when applied one after another."""
+        """Each edited layer as the method composes W0 and the updates of ``edits`` (the plain sum: in float32,
+        in order), in the model's dtype. For a float32 model this is bit for bit the weight the edits left when
+        applied one after another."""
         out = {}
         for layer, base in self.original_weights.items():
-            total = base.float().clone()
-            for applied in edits:
-                if layer in applied.updates:
-                    total += _dense(applied.updates[layer], total.device)
-            out[layer] = total.to(base.dtype)
+            updates = [applied.updates[layer] for applied in edits if layer in applied.updates]
+            out[layer] = self.method.compose(layer, base, updates).to(base.dtype)
         return out
 
     def _take_back(self, targets: list[AppliedEdit], weights: dict[int, torch.Tensor] | None = None) -> None:
@@ -587,8 +519,8 @@ class Editor:
         self.ledger = ledger
 
     def save_edits(self, path: str | os.PathLike) -> Path:
-        """Save the edits alone (per layer the factors left, right and the keys: a few KB each) to one
-        safetensors file, with the base model's fingerprint, method and config.
+        """Save the edits alone (per layer the update's own tensors and the keys: a few KB each for low-rank
+        updates) to one safetensors file, with the base model's fingerprint, method and config.
 
         It holds the history since the last restore, undone edits and their undo included, because the
         running state depends on it; ``Editor.from_edits`` / ``load_edits`` replay it exactly and
@@ -677,44 +609,26 @@ class Editor:
             raise LedgerError(
                 f"edit {entry.edit_id} changed layers {data['layers']}, not {list(self.config.layers)}", source
             )
-        tensors = entry.tensors()
-        updates = {}
-        for layer in self.config.layers:
-            device = self.parts.out_projs[layer].weight.device
-            left, right, keys = (tensors[f"layer.{layer}.{name}"].to(device) for name in ("left", "right", "keys"))
-            if left.shape[0] != self.parts.d_model or right.shape[0] != self.parts.d_ff:
-                raise LedgerError(
-                    f"edit {entry.edit_id} has factors of shape {tuple(left.shape)}, {tuple(right.shape)}", source
-                )
-            updates[layer] = LayerUpdate(left, right, keys)
-        decision = entry.decision()
-        requests = entry.requests()
-        recorded = data["result"]
-        result = EditResult(
-            edit_id=entry.edit_id,
-            requests=requests,
-            steps=recorded["steps"],
-            target_prob=recorded["target_prob"],
-            success=recorded["success"],
-            score=decision.score,
-            threshold=decision.threshold,
-            triggered=decision.triggered,
-            rank=decision.rank,
-            seconds=recorded["seconds"],
-        )
-        critical = updates[self.config.critical_layer]
-        return AppliedEdit(
-            entry.edit_id, requests, updates, decision, critical.keys, data["self_response"], result, data["created"]
-        )
+        devices = {layer: self.parts.out_projs[layer].weight.device for layer in self.config.layers}
+        try:
+            applied = applied_from(data, entry.tensors(), devices)
+        except ValueError as err:
+            raise LedgerError(f"edit {entry.edit_id}: {err}", source) from err
+        for layer, update in applied.updates.items():
+            shape = tuple(update.dense("cpu").shape) if update.kind != "lowrank" else None
+            low_rank_bad = update.kind == "lowrank" and (
+                update.left.shape[0] != self.parts.d_model or update.right.shape[0] != self.parts.d_ff
+            )
+            if low_rank_bad or (shape is not None and shape != (self.parts.d_model, self.parts.d_ff)):
+                raise LedgerError(f"edit {entry.edit_id} has an update of the wrong shape at layer {layer}", source)
+        return applied
 
     def _run(self, events: Sequence[tuple[str, Any]]) -> None:
         """Apply recorded events in memory, by the very operations the live edits and undos performed."""
         for kind, payload in events:
             if kind == "edit":
-                with torch.no_grad():
-                    for layer, update in payload.updates.items():
-                        weight = out_weight(self.parts.out_projs[layer])
-                        weight.add_(_dense(update, weight.device).to(weight.dtype))
+                for layer, update in payload.updates.items():
+                    self._put(layer, update)
                 self.method.commit(payload.updates, payload.decision)
                 self.applied.append(payload)
             else:

@@ -73,14 +73,21 @@ def capture_raw_output(module: nn.Module) -> Iterator[list]:
 @contextmanager
 def replay_output(blocks: Sequence[nn.Module], output) -> Iterator[None]:
     """Make consecutive blocks skip their computation: each returns ``output`` (the last block's recorded
-    output), so the blocks above see the stream they would see. Hooks on the blocks still run."""
+    output), so the blocks above see the stream they would see. Hooks on the blocks still run.
+
+    A block may already carry an instance ``forward`` (accelerate installs one on modules it offloads or spreads
+    over devices); it is put back afterwards, not deleted."""
+    saved = [block.__dict__.get("forward") for block in blocks]
     for block in blocks:
         block.forward = lambda *_args, **_kwargs: output
     try:
         yield
     finally:
-        for block in blocks:
-            del block.forward
+        for block, forward in zip(blocks, saved, strict=True):
+            if forward is None:
+                del block.forward
+            else:
+                block.forward = forward
 
 
 @contextmanager

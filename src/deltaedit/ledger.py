@@ -12,10 +12,9 @@ moment leaves a ledger whose every indexed entry is complete. A torn last line (
 append that never returned: readers ignore it and the next writer cuts it off. Tensor files are checked
 against the sha256 in their line when read. ``docs/ledger.md`` specifies the format.
 
-The edits file (:func:`write_edits_file`) holds the same events and tensors in one safetensors file, to
-share the edits of a run without its model. The :class:`~deltaedit.editor.Editor` does the editing side:
-``Editor(..., ledger=dir)``, ``Editor.resume(dir, model, tokenizer)``, ``save_edits`` / ``from_edits``;
-:func:`apply_edits` writes the edits of a file into a bare model without an Editor.
+The edits file (``deltaedit.edits_file``) holds the same events and tensors in one safetensors file; an
+edit's record is written and read in ``deltaedit.applied``. The :class:`~deltaedit.editor.Editor` does the
+editing side: ``Editor(..., ledger=dir)``, ``Editor.resume(dir, model, tokenizer)``.
 """
 
 from __future__ import annotations
@@ -26,27 +25,24 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
 
-from .methods.base import Decision, LayerUpdate
-from .models import find_parts, fingerprint, out_weight, weight_digest
+from .applied import AppliedEdit, edit_record, edit_tensors, updates_from
+from .methods.base import Decision
 from .requests import EditRequest
-
-if TYPE_CHECKING:
-    from .editor import AppliedEdit
+from .updates import Update
 
 log = logging.getLogger(__name__)
 
 FORMAT = "deltaedit-ledger"
-EDITS_FORMAT = "deltaedit-edits"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: base fingerprints from integer checksums, per-layer update kinds, decision metrics
 KINDS = ("edit", "undo", "restore", "rejected")
 
 
@@ -96,7 +92,8 @@ class LedgerEntry:
         return tuple(EditRequest.from_dict(r) for r in self.data["requests"])
 
     def decision(self) -> Decision:
-        return Decision(**self.data["decision"])
+        recorded = self.data["decision"]
+        return Decision(recorded["triggered"], dict(recorded.get("metrics") or {}))
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The edit's tensors, read now and checked against the recorded checksum."""
@@ -104,15 +101,9 @@ class LedgerEntry:
             raise LedgerError(f"entry {self.seq} ({self.kind}) has no tensors")
         return self._loader()
 
-    def updates(self) -> dict[int, LayerUpdate]:
-        """Per edited layer ``LayerUpdate(left, right, keys)``, on the CPU."""
-        tensors = self.tensors()
-        return {
-            layer: LayerUpdate(
-                tensors[f"layer.{layer}.left"], tensors[f"layer.{layer}.right"], tensors[f"layer.{layer}.keys"]
-            )
-            for layer in self.data["layers"]
-        }
+    def updates(self) -> dict[int, Update]:
+        """Per edited layer the edit's update, on the CPU."""
+        return updates_from(self.data, self.tensors())
 
     def critical_key(self) -> torch.Tensor:
         """k_e at the critical layer (d_ff x n)."""
@@ -143,47 +134,6 @@ def since_restore(entries: Sequence[LedgerEntry]) -> list[LedgerEntry]:
 
 
 # ---------------------------------------------------------------------------------------------- records
-
-
-def edit_record(applied: AppliedEdit, manifest: Mapping[str, Any]) -> dict[str, Any]:
-    """The JSON fields of an applied edit (what an index line or edits-file event holds, minus its tensors)."""
-    result = applied.result
-    layers = sorted(applied.updates)
-    return {
-        "edit_id": applied.edit_id,
-        "method": manifest["method"],
-        "config_fingerprint": manifest["config_fingerprint"],
-        "requests": [r.to_dict() for r in applied.requests],
-        "layers": layers,
-        "critical_layer": layers[-1],
-        "rank": int(applied.updates[layers[-1]].left.shape[1]),
-        "self_response": applied.self_response,
-        "decision": {
-            "score": applied.decision.score,
-            "threshold": applied.decision.threshold,
-            "triggered": applied.decision.triggered,
-            "rank": applied.decision.rank,
-            "extra": applied.decision.extra,
-        },
-        "result": {
-            "steps": result.steps,
-            "target_prob": result.target_prob,
-            "success": result.success,
-            "seconds": result.seconds,
-        },
-        "created": applied.created,
-    }
-
-
-def edit_tensors(applied: AppliedEdit) -> dict[str, torch.Tensor]:
-    """The tensors of an applied edit, as stored: float32 CPU copies, no shared storage."""
-    out = {}
-    for layer, update in applied.updates.items():
-        out[f"layer.{layer}.left"] = update.left
-        out[f"layer.{layer}.right"] = update.right
-        out[f"layer.{layer}.keys"] = update.keys
-    out["critical_key"] = applied.critical_key
-    return {name: t.detach().to("cpu", torch.float32).contiguous().clone() for name, t in out.items()}
 
 
 def _request_json(item: Any) -> Any:
@@ -287,11 +237,7 @@ class Ledger:
             raise LedgerError(f"unreadable ({err})", self.manifest_path) from err
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise LedgerError(f"not a {FORMAT} manifest", self.manifest_path)
-        if data.get("format_version", 0) > FORMAT_VERSION:
-            raise LedgerError(
-                f"format version {data['format_version']} is newer than this deltaedit reads ({FORMAT_VERSION})",
-                self.manifest_path,
-            )
+        check_format_version(data.get("format_version", 0), self.manifest_path)
         return data
 
     def write_manifest(self, manifest: Mapping[str, Any]) -> None:
@@ -462,85 +408,6 @@ class Ledger:
         self._next_seq = seq + 1
         return LedgerEntry(seq, data["kind"], data, loader_for(data) if loader_for else None)
 
-    # ---------------------------------------------------------------- replay
-    def replay(self, editor) -> None:
-        """Re-apply this ledger onto a fresh ``editor`` (same method, config and base model) and attach it, so
-        the editor continues the run exactly where the ledger ends. See ``Editor.resume``."""
-        editor._resume_from(self)
-
-
-# ---------------------------------------------------------------------------------------------- edits file
-
-
-def write_edits_file(
-    path: str | os.PathLike,
-    manifest: Mapping[str, Any],
-    events: Iterable[tuple[dict[str, Any], dict[str, torch.Tensor]]],
-) -> Path:
-    """Write events (JSON record, tensors) into one safetensors file; tensors are keyed ``edit.<id>.<name>``.
-
-    The metadata holds the manifest, the events and a sha256 over every tensor's name, dtype, shape and bytes.
-    """
-    path = Path(path).expanduser()
-    records, tensors = [], {}
-    for seq, (record, named) in enumerate(events):
-        records.append({"seq": seq, **record})
-        for name, tensor in named.items():
-            tensors[f"edit.{record['edit_id']}.{name}"] = tensor
-    metadata = {
-        "format": EDITS_FORMAT,
-        "format_version": str(FORMAT_VERSION),
-        "manifest": json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION, **manifest}, default=repr),
-        "events": _dumps({"events": records}),
-        "payload_sha256": _tensors_digest(tensors),
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, save_bytes(tensors, metadata=metadata))
-    return path
-
-
-def read_edits_file(path: str | os.PathLike) -> tuple[dict[str, Any], list[LedgerEntry]]:
-    """The manifest and events of an edits file; every tensor is read and verified before this returns."""
-    path = Path(path).expanduser()
-    try:
-        payload = path.read_bytes()
-    except OSError as err:
-        raise LedgerError(f"cannot read the edits file ({err.strerror})", path) from err
-    try:
-        header_size = int.from_bytes(payload[:8], "little")
-        metadata = json.loads(payload[8 : 8 + header_size]).get("__metadata__") or {}
-        tensors = load_bytes(payload)
-    except Exception as err:
-        raise LedgerError(f"not a readable edits file ({err})", path) from err
-    if metadata.get("format") != EDITS_FORMAT:
-        raise LedgerError(f"not a {EDITS_FORMAT} file (format {metadata.get('format')!r})", path)
-    if _tensors_digest(tensors) != metadata.get("payload_sha256"):
-        raise LedgerError("checksum mismatch: the edits file is corrupt", path)
-    try:
-        manifest = json.loads(metadata["manifest"])
-        records = json.loads(metadata["events"])["events"]
-    except (KeyError, ValueError) as err:
-        raise LedgerError(f"corrupt metadata ({err})", path) from err
-    entries = []
-    for record in records:
-        loader = None
-        if record["kind"] == "edit":
-            prefix = f"edit.{record['edit_id']}."
-            own = {name[len(prefix) :]: t for name, t in tensors.items() if name.startswith(prefix)}
-            loader = (lambda own=own: dict(own)) if own else None
-        entries.append(LedgerEntry(record["seq"], record["kind"], record, loader))
-    return manifest, entries
-
-
-def _tensors_digest(tensors: Mapping[str, torch.Tensor]) -> str:
-    digest = hashlib.sha256()
-    for name in sorted(tensors):
-        tensor = tensors[name].detach().cpu().contiguous()
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
 def check_base_model(
     manifest: Mapping[str, Any], found: str, source: str | os.PathLike, layers: Mapping[int, str] | None = None
 ) -> None:
@@ -564,42 +431,16 @@ def check_base_model(
             )
 
 
-def layer_digests(model, layers: Iterable[int | str]) -> dict[int, str]:
-    """models.weight_digest of each listed layer's W_out (missing layers are left out, so they mismatch)."""
-    parts = find_parts(model)
-    return {
-        int(layer): weight_digest(out_weight(parts.out_projs[int(layer)]))
-        for layer in layers
-        if 0 <= int(layer) < parts.n_layers
-    }
-
-
-def apply_edits(model, path: str | os.PathLike) -> list[int]:
-    """Write the edits of an edits file (from ``Editor.save_edits``) into ``model``, weights only.
-
-    Each edited layer becomes ``W0 + sum of the edits in force`` summed in float32 in the order they were
-    made, then cast to the model's dtype: bit for bit the editor's weights for a float32 model. The base
-    fingerprint is checked and every tensor verified first, so a wrong model or a corrupt file changes
-    nothing. No method state is built; use ``Editor.from_edits`` to go on editing. Returns the edit ids.
-    """
-    manifest, entries = read_edits_file(path)
-    check_base_model(manifest, fingerprint(model), path, layer_digests(model, manifest.get("base_layers") or {}))
-    live = active_edits(entries)
-    updates = [entry.updates() for entry in live]
-    parts = find_parts(model)
-    layers = sorted({layer for u in updates for layer in u})
-    new = {}
-    for layer in layers:
-        weight = out_weight(parts.out_projs[layer])
-        total = weight.detach().float().clone()
-        for u in updates:
-            if layer in u:  # the product on the weight's device, as the editor computed it
-                total += u[layer].left.to(total.device) @ u[layer].right.to(total.device).T
-        new[layer] = total.to(weight.dtype)
-    with torch.no_grad():
-        for layer, value in new.items():
-            out_weight(parts.out_projs[layer]).copy_(value)
-    return [entry.edit_id for entry in live]
+def check_format_version(version: int, source: str | os.PathLike) -> None:
+    """Refuse a ledger or edits file this version of deltaedit does not read, saying why."""
+    if version > FORMAT_VERSION:
+        raise LedgerError(f"format version {version} is newer than this deltaedit reads ({FORMAT_VERSION})", source)
+    if version < FORMAT_VERSION:
+        raise LedgerError(
+            f"format version {version} was written by an older deltaedit, whose base-model fingerprint and records "
+            "this one does not read; redo the run (or export it with the deltaedit that made it)",
+            source,
+        )
 
 
 __all__ = [
@@ -607,8 +448,7 @@ __all__ = [
     "LedgerEntry",
     "LedgerError",
     "BaseModelMismatchError",
-    "apply_edits",
     "active_edits",
-    "read_edits_file",
-    "write_edits_file",
+    "since_restore",
+    "check_base_model",
 ]

@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -197,6 +198,16 @@ def fingerprint(model: nn.Module) -> str:
             seen[key] = weight_checksum(param)
         digest.update(f"{name}:{tuple(param.shape)}:{param.dtype}:{seen[key]};".encode())
     return digest.hexdigest()[:16]
+
+
+def layer_digests(model, layers: Iterable[int | str]) -> dict[int, str]:
+    """models.weight_digest of each listed layer's W_out (missing layers are left out, so they mismatch)."""
+    parts = find_parts(model)
+    return {
+        int(layer): weight_digest(out_weight(parts.out_projs[int(layer)]))
+        for layer in layers
+        if 0 <= int(layer) < parts.n_layers
+    }
 
 
 def cache_dir() -> Path:

@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 from .alphaedit import AlphaEdit, AlphaEditConfig
-from .base import Decision, EditMethod, LayerUpdate, MethodConfig
+from .base import Computed, Decision, EditContext, EditMethod, MethodConfig
 from .deltaedit import DeltaEdit, DeltaEditConfig
+from .locate import LocateConfig, LocateThenEdit
+from .memit import MEMIT, MEMITConfig
+from .rome import ROME, ROMEConfig
 
 METHODS: dict[str, type[EditMethod]] = {
-    AlphaEdit.name: AlphaEdit,
-    DeltaEdit.name: DeltaEdit,
+    cls.name: cls
+    for cls in (
+        ROME,
+        MEMIT,
+        AlphaEdit,
+        DeltaEdit,
+    )
 }
 
 
@@ -23,9 +31,16 @@ __all__ = [
     "METHODS",
     "method_class",
     "EditMethod",
+    "EditContext",
+    "Computed",
     "MethodConfig",
+    "LocateConfig",
+    "LocateThenEdit",
     "Decision",
-    "LayerUpdate",
+    "ROME",
+    "ROMEConfig",
+    "MEMIT",
+    "MEMITConfig",
     "AlphaEdit",
     "AlphaEditConfig",
     "DeltaEdit",

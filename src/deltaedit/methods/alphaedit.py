@@ -1,4 +1,4 @@
-"""AlphaEdit: updates projected onto the null space of the preserved keys' second moment.
+"""AlphaEdit (Fang et al., 2025): MEMIT's solve projected onto the null space of the preserved keys.
 
 ``P0`` projects onto the eigenvectors of ``C0 = E[k k^T]`` whose eigenvalues are below a threshold, so
 ``Delta k ~ 0`` for keys the model already uses. Per layer, with the keys of all earlier edits summed in
@@ -12,17 +12,22 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import Decision, EditMethod, LayerUpdate, MethodConfig
+from ..updates import Update
+from .base import Decision
+from .locate import LocateConfig
+from .memit import MEMIT
 
 
 @dataclass
-class AlphaEditConfig(MethodConfig):
-    """nullspace_threshold: eigenvalues of C0 below it span the preserved null space.
+class AlphaEditConfig(LocateConfig):
+    """l2: the ridge weight lambda of the solve (AlphaEdit's L2 times the identity).
+    nullspace_threshold: eigenvalues of C0 below it span the preserved null space.
     nullspace_mode: "absolute" compares eigenvalues with the threshold as is (AlphaEdit's 2e-2);
         "relative" compares them with threshold x the largest eigenvalue, for models whose key scale
         differs from GPT-2's.
     """
 
+    l2: float = 1.0
     nullspace_threshold: float = 2e-2
     nullspace_mode: str = "absolute"
 
@@ -40,10 +45,9 @@ def nullspace_projector(second_moment: torch.Tensor, threshold: float, mode: str
     return (small @ small.T).float()
 
 
-class AlphaEdit(EditMethod):
+class AlphaEdit(MEMIT):
     name = "alphaedit"
     config_class = AlphaEditConfig
-    needs_stats = True
 
     def __init__(self, config: AlphaEditConfig):
         super().__init__(config)
@@ -51,7 +55,7 @@ class AlphaEdit(EditMethod):
         self.key_moments: dict[int, torch.Tensor] = {}  # Kp Kp^T per layer
         self.projected_moments: dict[int, torch.Tensor] = {}  # P0 Kp Kp^T, kept to avoid a d_ff^3 product
 
-    def setup(self, second_moments, devices, d_model) -> None:
+    def build(self, second_moments, devices, d_model) -> None:
         for layer, moment in second_moments.items():
             device = devices[layer]
             self.projectors[layer] = nullspace_projector(
@@ -73,12 +77,12 @@ class AlphaEdit(EditMethod):
         right = torch.linalg.solve(system, projected_keys)
         return residuals, right
 
-    def commit(self, updates: dict[int, LayerUpdate], decision: Decision) -> None:
+    def commit(self, updates: dict[int, Update], decision: Decision) -> None:
         for layer, update in updates.items():
             self.key_moments[layer] += update.keys @ update.keys.T
             self.projected_moments[layer] += (self.projectors[layer] @ update.keys) @ update.keys.T
 
-    def revert(self, updates: dict[int, LayerUpdate]) -> None:
+    def revert(self, updates: dict[int, Update]) -> None:
         # the mirror of commit: O(d_ff^2) per edit, where recomputing P0 Kp Kp^T would be O(d_ff^3)
         for layer, update in updates.items():
             self.key_moments[layer] -= update.keys @ update.keys.T

@@ -1,11 +1,17 @@
-"""The small interface every editing method implements, and the config they share.
+"""The interface every editing method implements, the core config, and the context a method computes in.
 
-The :class:`~deltaedit.editor.Editor` runs the locate-then-edit loop (keys, target residual, spread
-over layers) and asks the method three things: whether to constrain the target vector
-(:meth:`EditMethod.influence_projector`), how to turn keys and residuals into a low-rank update
-(:meth:`EditMethod.solve`), and how to fold a finished edit into its running state
-(:meth:`EditMethod.commit` / :meth:`EditMethod.revert` for undo). Each method has a config dataclass
-with documented defaults; the registry in ``methods/__init__.py`` maps names to (method, config).
+A method owns its computation (PEFT's tuners, scikit-learn's estimators): ``compute(context, requests)``
+reads the model through the :class:`EditContext`, writes each layer's update through ``context.write`` and
+returns the updates and its :class:`Decision`. The :class:`~deltaedit.editor.Editor` keeps what is common to
+every method: validation, atomic application (an exception anywhere restores the weights), the ledger, undo,
+resume and export. Between edits a method folds what it did into its running state (``commit`` / ``revert``)
+and may post-process updates with two hooks, used by the one function that writes weights:
+
+* ``finalize_update(layer, update, weight)``: change an update before it is written (RECT sparsifies it);
+* ``compose(layer, base, updates)``: the layer's weight from the unedited one and the updates in force (PRUNE
+  restrains the accumulated change); the plain sum by default.
+
+Both are driven by the core config (``restrain``, ``sparsify``), so they apply to any method.
 """
 
 from __future__ import annotations
@@ -13,48 +19,34 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 
-from ..target import TargetSettings
+from ..updates import SparseUpdate, Update, summed
 
 
 @dataclass
 class MethodConfig:
-    """Settings shared by the locate-then-edit methods.
+    """Options every method has.
 
-    layers: edited MLP layers, lowest first; the last one is the critical layer.
-    steps / lr / weight_decay / clamp_norm_factor / kl_factor / stop_prob: target-vector optimizer
-        (Adam steps at most, learning rate, decay weight, max ||delta|| as a multiple of ||h||, weight of
-        the KL term on the essence prompt, stop once the mean target probability reaches this). The
-        defaults are MEMIT's and AlphaEdit's published ones (v_weight_decay 0.5, clamp_norm_factor 0.75,
-        kl_factor 0.0625, 25 steps); ROME's Llama3-8B hyperparameters use 1e-3 and 4.
-    kl_position: where the KL term reads the essence prompt "{subject} is a": "subject" (its subject's last
-        token, as MEMIT, AlphaEdit and DeltaEdit do) or "last" (its last token).
-    n_contexts / context_tokens: short generated prefixes the keys and target are averaged over.
-    l2: ridge weight lambda in the solve (AlphaEdit's ``I`` term, MEMIT's C0 weight).
-    stats_samples / stats_max_length / stats_corpus: key second-moment statistics (C0); corpus
-        ``None`` means Wikipedia under $DELTAEDIT_DATA if present, else text the model generates.
+    layers: edited MLP layers (their W_out), lowest first; the last one is the critical layer.
     seed: makes context prefixes and any sampling reproducible.
+    restrain: "prune" restrains the accumulated change of each layer as PRUNE does (Ma et al., 2024): singular
+        values of W - W0 above W0's largest one, s_max, become s_max + log(s / s_max) ("log") or
+        (s + s_max) / 2 ("linear", restrain_function); "none" keeps the plain sum.
+    sparsify: keep only this fraction of each update's entries, those of largest relative change |dW| / |W|,
+        and zero the rest, as RECT does (Gu et al., 2024: 0.2); 0 keeps the update whole.
     """
 
     layers: tuple[int, ...] = (4, 5, 6, 7, 8)
-    steps: int = 25
-    lr: float = 0.5
-    weight_decay: float = 0.5
-    clamp_norm_factor: float = 0.75
-    kl_factor: float = 0.0625
-    stop_prob: float = 0.95
-    kl_position: str = "subject"
-    n_contexts: int = 5
-    context_tokens: int = 10
-    l2: float = 1.0
-    stats_samples: int = 2000
-    stats_max_length: int = 128
-    stats_corpus: str | None = None
     seed: int = 0
+    restrain: str = "none"
+    restrain_function: str = "log"
+    sparsify: float = 0.0
 
     def __post_init__(self) -> None:
         self.layers = tuple(int(x) for x in self.layers)
@@ -62,21 +54,20 @@ class MethodConfig:
             raise ValueError("layers: give at least one layer index to edit")
         if list(self.layers) != sorted(set(self.layers)):
             raise ValueError(f"layers: {self.layers} must be distinct and increasing, e.g. 4,5,6,7,8")
-        for name in ("steps", "n_contexts", "stats_samples", "stats_max_length"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}: must be >= 0")
-        if not 0 < self.stop_prob <= 1:
-            raise ValueError("stop_prob: must be in (0, 1]")
-        if self.kl_position not in ("subject", "last"):
-            raise ValueError(f"kl_position: use 'subject' or 'last', not {self.kl_position!r}")
+        if self.restrain not in ("none", "prune"):
+            raise ValueError(f"restrain: use 'none' or 'prune', not {self.restrain!r}")
+        if self.restrain_function not in ("log", "linear"):
+            raise ValueError(f"restrain_function: use 'log' or 'linear', not {self.restrain_function!r}")
+        if not 0 <= self.sparsify < 1:
+            raise ValueError("sparsify: a fraction in [0, 1): the share of an update's entries to keep (0: all)")
+        for option in dataclasses.fields(self):
+            value = getattr(self, option.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{option.name}: must be a finite number, not {value}")
 
     @property
     def critical_layer(self) -> int:
         return self.layers[-1]
-
-    def target_settings(self) -> TargetSettings:
-        names = [f.name for f in dataclasses.fields(TargetSettings)]
-        return TargetSettings(**{name: getattr(self, name) for name in names})
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -100,33 +91,46 @@ class MethodConfig:
 
 @dataclass
 class Decision:
-    """What a method decided before optimizing the target (DeltaEdit's orthogonal constraint)."""
+    """What a method decided for an edit: whether its special treatment fired (DeltaEdit's orthogonal
+    constraint), and any figures it wants recorded (saved in the ledger as they are)."""
 
-    score: float | None = None  # s_e
-    threshold: float | None = None
     triggered: bool = False
-    rank: int = 0  # directions removed from the target vector's space
-    extra: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
-class LayerUpdate:
-    """One layer's update in factored form: ``Delta = left @ right.T`` (d_model x r, d_ff x r)."""
+class Computed:
+    """What ``compute`` returns: the update written to each layer, the decision, the optimizer steps."""
 
-    left: torch.Tensor
-    right: torch.Tensor
-    keys: torch.Tensor  # d_ff x n, the keys the solve used (AlphaEdit adds their outer products to Kp Kp^T)
+    updates: dict[int, Update]
+    decision: Decision
+    steps: int = 0
 
-    def dense(self) -> torch.Tensor:
-        return self.left @ self.right.T
+
+@dataclass
+class EditContext:
+    """What a method computes with: the model and its parts, the tokenizer, and the Editor's services.
+
+    ``write(layer, update)`` finalizes an update, writes the layer's new weight (as the method composes it) and
+    returns the update as written; ``base_weight(layer)`` is W0; ``key_statistics(layers, corpus, samples,
+    max_length)`` gives cached C0 = E[k k^T] per layer; ``prefixes(count, length)`` the bare prompt ("") and
+    ``count`` short seeded generations of the unedited model to put before prompts."""
+
+    model: Any
+    parts: Any
+    tokenizer: Any
+    reuse_prefix: bool
+    write: Callable[[int, Update], Update]
+    base_weight: Callable[[int], torch.Tensor]
+    key_statistics: Callable[..., dict[int, torch.Tensor]]
+    prefixes: Callable[[int, int], list[str]]
 
 
 class EditMethod:
-    """Base class: holds the config and per-layer running state; subclasses override the hooks."""
+    """Base class: holds the config and running state; subclasses implement ``compute`` and the state hooks."""
 
     name: ClassVar[str] = "base"
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
-    needs_stats: ClassVar[bool] = False
     # Named sets of option values (e.g. DeltaEdit's "paper" and "research"), applied over the model's defaults
     # and under the user's overrides; "default" (no change) is always available.
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
@@ -134,23 +138,24 @@ class EditMethod:
     def __init__(self, config: MethodConfig):
         self.config = config
 
-    def setup(self, second_moments: dict[int, torch.Tensor], devices: dict[int, torch.device], d_model: int) -> None:
-        """Build state from the key statistics (one d_ff x d_ff float32 matrix per edited layer)."""
+    def setup(self, context: EditContext) -> None:
+        """Build state that does not depend on the edits (key statistics, projectors); called once."""
 
-    def influence_projector(
-        self, keys: torch.Tensor, context_keys: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor | None, Decision]:
-        """A projector for the target vector (or None), and the decision behind it, from the edit's keys at the
-        critical layer: context-averaged (d_ff x n) and per prompt (d_ff x n*c, request-major, bare first)."""
-        return None, Decision()
+    def prefixes(self, context: EditContext) -> list[str]:
+        """The prefixes this method puts before each prompt (the bare prompt first); the Editor checks that
+        every request fits the model's context with each of them."""
+        return [""]
 
-    def solve(self, layer: int, keys: torch.Tensor, residuals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def compute(self, context: EditContext, requests: Sequence) -> Computed:
+        """Compute one edit of ``requests`` (validated EditRequests), writing each layer through
+        ``context.write``. Raise EditFailure for a numerical fault; the Editor restores the weights."""
         raise NotImplementedError
 
-    def commit(self, updates: dict[int, LayerUpdate], decision: Decision) -> None:
+    # ---------------------------------------------------------------- running state
+    def commit(self, updates: dict[int, Update], decision: Decision) -> None:
         """Fold a finished edit into the running state."""
 
-    def revert(self, updates: dict[int, LayerUpdate]) -> None:
+    def revert(self, updates: dict[int, Update]) -> None:
         """Take a committed edit back out of the running state (for undo).
 
         Sums over edits (Kp Kp^T, Delta_hist) lose the edit's term; statistics of the stream of edits
@@ -159,7 +164,7 @@ class EditMethod:
         """
 
     def reset(self) -> None:
-        """Forget every committed edit, keeping what :meth:`setup` built from the key statistics.
+        """Forget every committed edit, keeping what :meth:`setup` built.
 
         Afterwards the state equals, bit for bit, the state right after ``setup``, so replaying the same
         commits and reverts rebuilds it exactly (how the Editor rolls back and resumes).
@@ -170,3 +175,47 @@ class EditMethod:
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Restore running state saved by :meth:`state_dict`."""
+
+    def summary(self, decisions: Sequence[Decision]) -> str:
+        """One line about this method's decisions over a run, for people (empty: nothing to say)."""
+        return ""
+
+    # ---------------------------------------------------------------- post-processing hooks
+    def finalize_update(self, layer: int, update: Update, weight: torch.Tensor) -> Update:
+        """The update as it will be written, given the layer's current weight. With ``sparsify`` (RECT): only
+        the given fraction of entries with the largest relative change |dW| / |W| is kept."""
+        keep = self.config.sparsify
+        if not keep:
+            return update
+        delta = update.dense(weight.device)
+        relative = delta.abs() / weight.detach().float().abs().clamp_min(1e-12)
+        count = max(1, int(round(keep * relative.numel())))
+        threshold = relative.reshape(-1).kthvalue(relative.numel() - count + 1).values
+        return SparseUpdate.keep(delta, relative >= threshold, getattr(update, "keys", None))
+
+    def compose(self, layer: int, base: torch.Tensor, updates: Sequence[Update]) -> torch.Tensor:
+        """Layer ``layer``'s weight (float32) from its unedited weight and the updates in force, in order. The
+        plain sum, or with ``restrain="prune"`` the sum's change restrained as PRUNE does."""
+        total = summed(base, list(updates))
+        if self.config.restrain == "none" or not updates:
+            return total
+        return base.float() + restrain_change(total - base.float(), base, self.config.restrain_function)
+
+    @property
+    def composes_by_sum(self) -> bool:
+        """Whether ``compose`` is the plain sum, so a new update can be added to the weight in place."""
+        return self.config.restrain == "none"
+
+
+def restrain_change(change: torch.Tensor, base: torch.Tensor, function: str = "log") -> torch.Tensor:
+    """PRUNE's restraint: singular values of ``change`` above ``base``'s largest one (s_max) are mapped to
+    s_max + log(s / s_max) ("log") or (s + s_max) / 2 ("linear"); the singular vectors stay. Bounds the growth
+    of the edited matrix's condition number however many edits accumulate."""
+    s_max = torch.linalg.matrix_norm(base.double(), ord=2)
+    u, s, vh = torch.linalg.svd(change.double(), full_matrices=False)
+    big = s > s_max
+    if not bool(big.any()):
+        return change
+    restrained = s_max + torch.log(s / s_max) if function == "log" else (s + s_max) / 2
+    s = torch.where(big, restrained, s)
+    return ((u * s) @ vh).to(change.dtype)

@@ -30,8 +30,9 @@ from typing import ClassVar
 
 import torch
 
+from ..updates import Update
 from .alphaedit import AlphaEdit, AlphaEditConfig
-from .base import Decision, LayerUpdate
+from .base import Decision
 
 CHOICES = {
     "threshold_on": ("squared", "norm"),
@@ -209,8 +210,8 @@ class DeltaEdit(AlphaEdit):
         self.history: torch.Tensor | None = None  # Delta_hist at the critical layer (d_model x d_ff)
         self.past_keys: list[torch.Tensor] = []  # critical-layer key columns of the edits in force (`neighbors`)
 
-    def setup(self, second_moments, devices, d_model) -> None:
-        super().setup(second_moments, devices, d_model)
+    def build(self, second_moments, devices, d_model) -> None:
+        super().build(second_moments, devices, d_model)
         critical = self.config.critical_layer
         if self.history is None:
             d_ff = second_moments[critical].shape[0]
@@ -232,15 +233,14 @@ class DeltaEdit(AlphaEdit):
         measured = math.sqrt(score) if config.threshold_on == "norm" else score
         history_empty = not bool(self.history.any())
         triggered, threshold = self.tracker.decide(measured, history_empty)
-        decision = Decision(score=measured, threshold=threshold, triggered=triggered)
-        decision.extra["history_empty"] = history_empty
+        decision = Decision(triggered, {"score": measured, "threshold": threshold, "history_empty": history_empty})
         if not triggered:
             return None, decision
         if config.constraint == "targeted":
             basis = self._targeted_basis(keys, context_keys)
         else:
             basis = self._column_basis(self.history @ keys)
-        decision.rank = basis.shape[1]
+        decision.metrics["rank"] = basis.shape[1]
         projector = torch.eye(self.history.shape[0], device=basis.device) - basis @ basis.T
         return projector, decision
 
@@ -282,15 +282,16 @@ class DeltaEdit(AlphaEdit):
         u, s, _ = randomized_svd(gram, n_components=max(1, rank), random_state=self.config.seed)
         return torch.from_numpy(u).to(stacked.device), torch.from_numpy(s).to(stacked.device)
 
-    def commit(self, updates: dict[int, LayerUpdate], decision: Decision) -> None:
+    def commit(self, updates: dict[int, Update], decision: Decision) -> None:
         super().commit(updates, decision)
-        self.tracker.record(decision.score, decision.triggered, bool(decision.extra.get("history_empty", False)))
+        metrics = decision.metrics
+        self.tracker.record(metrics["score"], decision.triggered, bool(metrics.get("history_empty", False)))
         critical = self.config.critical_layer
         self.history += updates[critical].dense().to(self.history.device)
         if self.config.neighbors:
             self.past_keys.extend(updates[critical].keys.to(self.history.device).split(1, dim=1))
 
-    def revert(self, updates: dict[int, LayerUpdate]) -> None:
+    def revert(self, updates: dict[int, Update]) -> None:
         """Delta_hist, Kp Kp^T and the past keys lose the edit; the threshold tracker does not (see
         EditMethod.revert): an EMA cannot un-see a value once later values were folded in on top of it."""
         super().revert(updates)
@@ -308,6 +309,14 @@ class DeltaEdit(AlphaEdit):
         self.past_keys = []
         if self.history is not None:
             self.history = torch.zeros_like(self.history)
+
+    def summary(self, decisions) -> str:
+        fired = [d for d in decisions if d.triggered]
+        if not decisions:
+            return ""
+        ranks = [d.metrics.get("rank", 0) for d in fired]
+        removed = f", {sum(ranks) / len(ranks):.0f} directions removed on average" if ranks else ""
+        return f"orthogonal constraint triggered on {len(fired)} of {len(decisions)} edits{removed}"
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         state = super().state_dict()

@@ -1,0 +1,163 @@
+"""The locate-then-edit family (ROME, MEMIT, AlphaEdit, DeltaEdit): keys, a target vector, a spread over
+layers and a closed-form solve per layer (DESIGN.md §2).
+
+For one edit of requests R:
+
+1. read the keys at the first edited layer and the critical one, and the critical block's output, in one
+   forward pass over every prompt (the bare prompt and the context prefixes);
+2. ``influence_projector``: whether to constrain the target vector (DeltaEdit), then optimize it;
+3. for each edited layer, lowest first: re-read keys and the critical output with the weights as they now
+   are, give the layer its share of the residual still missing, ``solve`` for a low-rank update and write it.
+
+A subclass chooses the solve (``solve``), what it keeps between edits (``commit`` / ``revert``), and
+optionally the constraint on the target vector.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from ..requests import EditFailure
+from ..target import TargetSettings, optimize_target, read_keys
+from ..updates import LowRankUpdate
+from .base import Computed, Decision, EditContext, EditMethod, MethodConfig
+
+
+@dataclass
+class LocateConfig(MethodConfig):
+    """Options of the locate-then-edit methods.
+
+    steps / lr / weight_decay / clamp_norm_factor / kl_factor / stop_prob: target-vector optimizer
+        (Adam steps at most, learning rate, decay weight, max ||delta|| as a multiple of ||h||, weight of
+        the KL term on the essence prompt, stop once the mean target probability reaches this). The
+        defaults are MEMIT's and AlphaEdit's published ones (v_weight_decay 0.5, clamp_norm_factor 0.75,
+        kl_factor 0.0625, 25 steps); ROME's Llama3-8B hyperparameters use 1e-3 and 4.
+    kl_position: where the KL term reads the essence prompt "{subject} is a": "subject" (its subject's last
+        token, as MEMIT, AlphaEdit and DeltaEdit do) or "last" (its last token).
+    n_contexts / context_tokens: short generated prefixes the keys and target are averaged over.
+    stats_samples / stats_max_length / stats_corpus: key second-moment statistics (C0); corpus
+        ``None`` means Wikipedia under $DELTAEDIT_DATA if present, else text the model generates.
+    """
+
+    steps: int = 25
+    lr: float = 0.5
+    weight_decay: float = 0.5
+    clamp_norm_factor: float = 0.75
+    kl_factor: float = 0.0625
+    stop_prob: float = 0.95
+    kl_position: str = "subject"
+    n_contexts: int = 5
+    context_tokens: int = 10
+    stats_samples: int = 2000
+    stats_max_length: int = 128
+    stats_corpus: str | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("steps", "n_contexts", "stats_samples", "stats_max_length"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: must be >= 0")
+        if not 0 < self.stop_prob <= 1:
+            raise ValueError("stop_prob: must be in (0, 1]")
+        if self.kl_position not in ("subject", "last"):
+            raise ValueError(f"kl_position: use 'subject' or 'last', not {self.kl_position!r}")
+
+    def target_settings(self) -> TargetSettings:
+        """The optimizer settings, from the options of the same names (those a config lacks keep their default)."""
+        names = [f.name for f in dataclasses.fields(TargetSettings)]
+        return TargetSettings(**{name: getattr(self, name) for name in names if hasattr(self, name)})
+
+
+class LocateThenEdit(EditMethod):
+    """Keys, target vector, spread over layers, per-layer solve; subclasses implement :meth:`solve`."""
+
+    config_class = LocateConfig
+    needs_statistics = True  # C0 per edited layer, for the solve
+
+    def setup(self, context: EditContext) -> None:
+        config = self.config
+        moments: dict[int, torch.Tensor] = {}
+        if self.needs_statistics:
+            moments = context.key_statistics(
+                config.layers, config.stats_corpus, config.stats_samples, config.stats_max_length
+            )
+        devices = {i: context.parts.out_projs[i].weight.device for i in config.layers}
+        self.build(moments, devices, context.parts.d_model)
+
+    def build(self, second_moments: dict[int, torch.Tensor], devices: dict[int, torch.device], d_model: int) -> None:
+        """Build the solve's state from the key statistics (one d_ff x d_ff float32 matrix per edited layer)."""
+
+    def prefixes(self, context: EditContext) -> list[str]:
+        """The bare prompt plus short generated prefixes (seeded), as MEMIT averages over."""
+        return context.prefixes(self.config.n_contexts, self.config.context_tokens)
+
+    def influence_projector(
+        self, keys: torch.Tensor, context_keys: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor | None, Decision]:
+        """A projector for the target vector (or None), and the decision behind it, from the edit's keys at the
+        critical layer: context-averaged (d_ff x n) and per prompt (d_ff x n*c, request-major, bare first)."""
+        return None, Decision()
+
+    def solve(self, layer: int, keys: torch.Tensor, residuals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(left, right) with ``Delta = left @ right.T`` mapping ``keys`` (d_ff x n) to ``residuals`` (d_model x n)."""
+        raise NotImplementedError
+
+    def compute(self, context: EditContext, requests) -> Computed:
+        config = self.config
+        model, parts, tokenizer = context.model, context.parts, context.tokenizer
+        layers, critical = config.layers, config.critical_layer
+        culprit = requests[0] if len(requests) == 1 else tuple(requests)
+        prefixes = self.prefixes(context)
+        # the first layer's keys and the critical output, read before any weight changes, serve its solve too
+        first_read = read_keys(model, parts, tokenizer, requests, prefixes, sorted({layers[0], critical}), critical)
+        try:
+            projector, decision = self.influence_projector(first_read.keys[critical], first_read.per_context[critical])
+        except torch.linalg.LinAlgError as err:
+            raise EditFailure(f"the target vector's constraint could not be built ({err})", culprit, "target") from err
+        deltas, z_init, steps = [], [], 0
+        settings = config.target_settings()
+        for request in requests:
+            try:
+                found = optimize_target(
+                    model,
+                    parts,
+                    tokenizer,
+                    request,
+                    prefixes,
+                    critical,
+                    settings,
+                    projector,
+                    reuse_prefix=context.reuse_prefix,
+                )
+            except FloatingPointError as err:
+                raise EditFailure(str(err), request, "target") from err
+            if not (torch.isfinite(found.delta).all() and torch.isfinite(found.z_init).all()):
+                raise EditFailure(f"the target vector for {request.subject!r} is not finite", request, "target")
+            deltas.append(found.delta)
+            z_init.append(found.z_init)
+            steps = max(steps, found.steps)
+        z_star = (torch.stack(z_init, 1) + torch.stack(deltas, 1)).float()
+        updates = {}
+        for position, layer in enumerate(layers):
+            layer_keys, z_now, _ = (
+                first_read
+                if position == 0
+                else read_keys(model, parts, tokenizer, requests, prefixes, [layer], critical)
+            )
+            device = parts.out_projs[layer].weight.device
+            # MEMIT's spread: each layer takes an equal share of what is still missing at the critical layer
+            residual = (z_star.to(device) - z_now.to(device)) / (len(layers) - position)
+            try:
+                left, right = self.solve(layer, layer_keys[layer].to(device), residual)
+            except torch.linalg.LinAlgError as err:
+                raise EditFailure(f"the solve at layer {layer} is singular ({err})", culprit, "update") from err
+            if not (torch.isfinite(left).all() and torch.isfinite(right).all()):
+                raise EditFailure(f"the update at layer {layer} is not finite", culprit, "update")
+            # contiguous factors: a replay from the stored copies then multiplies exactly the same layout
+            update = LowRankUpdate(left.contiguous(), right.contiguous(), layer_keys[layer].to(device))
+            updates[layer] = context.write(layer, update)
+        return Computed(updates, decision, steps)
+

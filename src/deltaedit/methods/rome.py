@@ -1,0 +1,56 @@
+"""ROME (Meng et al., 2022): a rank-one update of one layer, in sequential mode.
+
+With the edit's key k (averaged over the prompt and its context prefixes), the residual r it should add to
+the layer's output, and C = E[k k^T]: ``u = C^-1 k``, ``Delta = r u^T / (u^T k)``, so ``Delta k = r`` exactly
+and other keys move as little as C allows. The key that defines the update is the same averaged key the
+target residual is measured for: r-ROME's correction (Gupta et al., 2024) of the original code, whose update
+used one key and whose target value another, which is what made sequential ROME collapse.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..requests import EditFailure
+from .locate import LocateConfig, LocateThenEdit
+
+
+@dataclass
+class ROMEConfig(LocateConfig):
+    """layers: exactly one layer (ROME edits a single MLP). ridge: added to C's diagonal before it is inverted
+    (0, as ROME; raise it if C is singular for a model)."""
+
+    ridge: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if len(self.layers) != 1:
+            raise ValueError(f"layers: ROME edits exactly one layer, got {list(self.layers)}; e.g. layers=[7]")
+        if self.ridge < 0:
+            raise ValueError("ridge: must be >= 0")
+
+
+class ROME(LocateThenEdit):
+    name = "rome"
+    config_class = ROMEConfig
+
+    def __init__(self, config: ROMEConfig):
+        super().__init__(config)
+        self.second_moments: dict[int, torch.Tensor] = {}
+
+    def build(self, second_moments, devices, d_model) -> None:
+        self.second_moments = {layer: m.to(devices[layer]) for layer, m in second_moments.items()}
+
+    def compute(self, context, requests):
+        if len(requests) != 1:
+            raise EditFailure("ROME writes one fact at a time; use batch_size=1 or MEMIT", tuple(requests), "update")
+        return super().compute(context, requests)
+
+    def solve(self, layer, keys, residuals):
+        moment = self.second_moments[layer]
+        if self.config.ridge:
+            moment = moment + self.config.ridge * torch.eye(moment.shape[0], device=moment.device)
+        u = torch.linalg.solve(moment, keys)  # d_ff x 1
+        return residuals, u / (u.T @ keys)

@@ -1,0 +1,148 @@
+"""What one edit changes in one layer's W_out: low-rank, dense or sparse, behind one small protocol.
+
+Every update knows its dense form (``dense()``, d_model x d_ff float32), the keys its solve used (``keys``,
+d_ff x n, or None), its response to other keys (``response(k) = Delta k``) and a compact serialization
+(``tensors()`` / :func:`update_from_tensors`), so the ledger, the edits file, diagnostics, undo and
+``apply_edits`` never ask which kind a method produced. Locate-then-edit methods produce ``LowRankUpdate``
+(``Delta = left right^T``: influence vectors times activation vectors), FT a ``DenseUpdate``, RECT's
+sparsification a ``SparseUpdate``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+
+@dataclass
+class Update:
+    """Base of the update kinds; ``keys`` are the inputs the update was solved for (None when there are none)."""
+
+    kind: ClassVar[str] = "update"
+
+    def dense(self, device: torch.device | str | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def response(self, keys: torch.Tensor) -> torch.Tensor:
+        """``Delta @ keys`` (d_model x n)."""
+        return self.dense(keys.device) @ keys
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The update's own tensors, by name, as stored (the reader rebuilds it with update_from_tensors)."""
+        raise NotImplementedError
+
+    def to(self, device: torch.device | str) -> Update:
+        raise NotImplementedError
+
+    @property
+    def rank(self) -> int | None:
+        return None
+
+
+@dataclass
+class LowRankUpdate(Update):
+    """``Delta = left @ right.T``: ``left`` (d_model x r) the influence vectors, ``right`` (d_ff x r) the
+    activation vectors, ``keys`` (d_ff x n) the keys the solve used."""
+
+    left: torch.Tensor
+    right: torch.Tensor
+    keys: torch.Tensor | None = None
+    kind: ClassVar[str] = "lowrank"
+
+    def dense(self, device=None) -> torch.Tensor:
+        device = self.left.device if device is None else device
+        return self.left.to(device) @ self.right.to(device).T
+
+    def response(self, keys: torch.Tensor) -> torch.Tensor:
+        return self.left.to(keys.device) @ (self.right.to(keys.device).T @ keys)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {"left": self.left, "right": self.right}
+        return out if self.keys is None else {**out, "keys": self.keys}
+
+    def to(self, device) -> LowRankUpdate:
+        keys = None if self.keys is None else self.keys.to(device)
+        return LowRankUpdate(self.left.to(device), self.right.to(device), keys)
+
+    @property
+    def rank(self) -> int:
+        return int(self.left.shape[1])
+
+
+@dataclass
+class DenseUpdate(Update):
+    """A full d_model x d_ff change (FT)."""
+
+    delta: torch.Tensor
+    keys: torch.Tensor | None = None
+    kind: ClassVar[str] = "dense"
+
+    def dense(self, device=None) -> torch.Tensor:
+        return self.delta.float() if device is None else self.delta.to(device).float()
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"delta": self.delta} if self.keys is None else {"delta": self.delta, "keys": self.keys}
+
+    def to(self, device) -> DenseUpdate:
+        return DenseUpdate(self.delta.to(device), None if self.keys is None else self.keys.to(device))
+
+
+@dataclass
+class SparseUpdate(Update):
+    """The entries ``values`` at flat positions ``indices`` of a ``shape`` matrix, zero elsewhere (RECT)."""
+
+    indices: torch.Tensor  # int64, flat row-major positions, increasing
+    values: torch.Tensor
+    shape: tuple[int, int]
+    keys: torch.Tensor | None = None
+    kind: ClassVar[str] = "sparse"
+
+    @classmethod
+    def keep(cls, delta: torch.Tensor, mask: torch.Tensor, keys: torch.Tensor | None = None) -> SparseUpdate:
+        """The entries of ``delta`` where ``mask`` is true."""
+        flat = mask.reshape(-1).nonzero().squeeze(1)
+        return cls(flat, delta.reshape(-1)[flat].float().contiguous(), tuple(delta.shape), keys)
+
+    def dense(self, device=None) -> torch.Tensor:
+        device = self.values.device if device is None else device
+        out = torch.zeros(self.shape[0] * self.shape[1], dtype=torch.float32, device=device)
+        out[self.indices.to(device)] = self.values.to(device)
+        return out.reshape(self.shape)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {"indices": self.indices, "values": self.values, "shape": torch.tensor(self.shape, dtype=torch.int64)}
+        return out if self.keys is None else {**out, "keys": self.keys}
+
+    def to(self, device) -> SparseUpdate:
+        keys = None if self.keys is None else self.keys.to(device)
+        return SparseUpdate(self.indices.to(device), self.values.to(device), self.shape, keys)
+
+
+KINDS: dict[str, type[Update]] = {cls.kind: cls for cls in (LowRankUpdate, DenseUpdate, SparseUpdate)}
+
+
+def update_from_tensors(kind: str, tensors: dict[str, torch.Tensor]) -> Update:
+    """Rebuild an update from :meth:`Update.tensors` (ValueError naming what is missing or unknown)."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown update kind {kind!r}; known: {sorted(KINDS)}")
+    keys = tensors.get("keys")
+    try:
+        if kind == "lowrank":
+            return LowRankUpdate(tensors["left"], tensors["right"], keys)
+        if kind == "dense":
+            return DenseUpdate(tensors["delta"], keys)
+        shape = tuple(int(x) for x in tensors["shape"].tolist())
+        return SparseUpdate(tensors["indices"], tensors["values"], shape, keys)
+    except KeyError as missing:
+        raise ValueError(f"a {kind} update needs the tensor {missing}") from None
+
+
+def summed(base: torch.Tensor, updates: list[Update]) -> torch.Tensor:
+    """``base`` (float32 copy) plus each update's dense form, added in order on ``base``'s device: the plain
+    composition of a layer's weight, the same bits whether computed at once or one edit after another."""
+    total = base.float().clone()
+    for update in updates:
+        total += update.dense(total.device)
+    return total
