@@ -22,8 +22,9 @@ from deltaedit.editor import Editor
 from deltaedit.evaluate import baseline, evaluate
 from deltaedit.hooks import capture_inputs, run_until
 from deltaedit.models import find_parts, load_model
+from deltaedit.predict import final_logits
 from deltaedit.requests import EditRequest
-from deltaedit.target import final_logits, optimize_target, read_keys
+from deltaedit.target import optimize_target, read_keys
 from deltaedit.tokens import pad, pad_id
 
 

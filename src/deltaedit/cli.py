@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import re
 import sys
 import time
 from importlib import resources
@@ -19,22 +18,10 @@ from .methods import METHODS
 log = logging.getLogger("deltaedit")
 
 
-_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
-
-
 def _parse_value(text: str) -> Any:
-    """``--set`` values are YAML scalars or lists: 3, 0.5, true, [4,5,6], 1e-3.
-
-    PyYAML follows YAML 1.1, which reads ``1e9`` or ``1e-3`` (no dot, or no sign in the exponent) as strings;
-    those are numbers here, as in YAML 1.2 and JSON."""
-    value = yaml.safe_load(text)
-    if isinstance(value, list):
-        return [_exponent_float(item) for item in value]
-    return _exponent_float(value)
-
-
-def _exponent_float(value: Any) -> Any:
-    return float(value) if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()) else value
+    """``--set`` values are YAML scalars or lists: 3, 0.5, true, [4,5,6], 1e-3 (each then converted to its
+    option's type by ``coerce_overrides``, which also reads YAML 1.1's string "1e-3" as a number)."""
+    return yaml.safe_load(text)
 
 
 def _overrides(args) -> dict[str, Any]:
@@ -360,27 +347,13 @@ def cmd_log(args) -> int:
 
 
 def _resume_run(args):
-    import torch
-
     from .editor import Editor
-    from .ledger import Ledger
-    from .models import load_model
-    from .run import resume_data_dir
+    from .run import open_base_model, resume_data_dir
 
     _quiet_transformers(args.quiet)
     data_dir = resume_data_dir(args.run_dir, args.data)  # the run's own data folder: the same key statistics
-    ledger = Ledger(args.run_dir, create=False)
-    manifest = ledger.manifest()
-    if manifest is None:
-        raise FileNotFoundError(f"{args.run_dir}: no manifest.json, not a deltaedit run directory")
-    run_file = Path(args.run_dir) / "run.json"
-    spec = json.loads(run_file.read_text()) if run_file.is_file() else {}
-    name = spec.get("model") or manifest["model_name"]
-    # the base model as the run loaded it: in the same dtype (else its fingerprint differs), by default on its device
-    dtype = getattr(torch, str(manifest.get("dtype")), None)
-    dtype = dtype if isinstance(dtype, torch.dtype) else None
-    model, tokenizer = load_model(name, device=args.device or spec.get("device"), dtype=dtype)
-    return Editor.resume(ledger, model, tokenizer, data_dir=data_dir, progress=not args.quiet)
+    model, tokenizer = open_base_model(args.run_dir, device=args.device)
+    return Editor.resume(args.run_dir, model, tokenizer, data_dir=data_dir, progress=not args.quiet)
 
 
 def cmd_undo(args) -> int:
@@ -417,13 +390,11 @@ def cmd_report(args) -> int:
 
 
 def cmd_download(args) -> int:
-    import os
+    from .data import DATA_ENV, data_folder, download
 
-    from .data import download
-
-    folder = args.data or os.environ.get("DELTAEDIT_DATA")
+    folder = data_folder(args.data)
     if not folder:
-        raise ValueError("--data: name the data folder to download into (or set DELTAEDIT_DATA)")
+        raise ValueError(f"--data: name the data folder to download into (or set {DATA_ENV})")
     path = download(args.name, folder)
     print(f"{args.name} saved to {path}")
     return 0

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from .data import data_folder
 from .hooks import cache_of, with_cache
 
 _DOC = re.compile(r"<doc[^>]*>(.*?)</doc>", re.S)
@@ -82,7 +83,7 @@ def resolve_corpus(spec: str | os.PathLike | None, data_dir: str | os.PathLike |
         if not files:
             raise FileNotFoundError(f"stats_corpus: {path} holds no files")
         return Corpus(str(path), _hash_files(files), tuple(files))
-    root = data_dir or os.environ.get("DELTAEDIT_DATA")
+    root = data_folder(data_dir)
     if root and (Path(root) / "wikipedia").is_dir():
         files = sorted(p for p in (Path(root) / "wikipedia").iterdir() if p.is_file())
         if files:

@@ -501,17 +501,12 @@ class Editor:
         Raises BaseModelMismatchError (model untouched) for another base model, LedgerError for a damaged ledger.
         """
         ledger = path if isinstance(path, Ledger) else Ledger(path, create=False)
-        manifest = ledger.manifest()
-        if manifest is None:
-            raise LedgerError("has no manifest.json: not a deltaedit run directory", ledger.path)
-        editor = cls(model, tokenizer, **cls._settings_from(manifest), **kwargs)
+        editor = cls(model, tokenizer, **cls._settings_from(ledger.require_manifest()), **kwargs)
         editor._resume_from(ledger)
         return editor
 
     def _resume_from(self, ledger: Ledger) -> None:
-        manifest = ledger.manifest()
-        if manifest is None:
-            raise LedgerError("has no manifest.json: not a deltaedit run directory", ledger.path)
+        manifest = ledger.require_manifest()
         if self.ledger is not None:
             raise LedgerError("this editor already writes a ledger; resume with a new Editor", ledger.path)
         self._check_manifest(manifest, ledger.manifest_path)

@@ -240,6 +240,13 @@ class Ledger:
         check_format_version(data.get("format_version", 0), self.manifest_path)
         return data
 
+    def require_manifest(self) -> dict[str, Any]:
+        """The manifest of a run directory; LedgerError when there is none (not a deltaedit run directory)."""
+        manifest = self.manifest()
+        if manifest is None:
+            raise LedgerError("has no manifest.json: not a deltaedit run directory", self.path)
+        return manifest
+
     def write_manifest(self, manifest: Mapping[str, Any]) -> None:
         data = {"format": FORMAT, "format_version": FORMAT_VERSION, **manifest}
         write_atomic(self.manifest_path, (json.dumps(data, indent=2, default=repr) + "\n").encode())

@@ -6,10 +6,31 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from .models import ModelParts
-from .target import input_device, logits_at
+from .requests import spaced
 from .tokens import pad, pad_id
+
+
+def input_device(model: nn.Module) -> torch.device:
+    return model.get_input_embeddings().weight.device
+
+
+def final_logits(model: nn.Module, parts: ModelParts, hidden: torch.Tensor) -> torch.Tensor:
+    """Unembed final (already normed) hidden states, with the soft-capping some families apply."""
+    logits = parts.unembed(hidden)
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def logits_at(model: nn.Module, parts: ModelParts, inputs: dict, rows: torch.Tensor, cols: torch.Tensor):
+    """Logits only at the (row, col) positions a loss or metric reads: the unembedding is the costliest
+    matrix of a small model, so it is not applied to every position."""
+    hidden = model.base_model(**inputs, use_cache=False).last_hidden_state
+    return final_logits(model, parts, hidden[rows, cols])
 
 
 @dataclass
@@ -21,10 +42,6 @@ class AnswerScore:
     @property
     def prob(self) -> float:
         return float(torch.tensor(self.log_prob).exp())
-
-
-def spaced(prompt: str, answer: str) -> str:
-    return answer if prompt.endswith((" ", "\n")) or answer.startswith(" ") else " " + answer
 
 
 @dataclass

@@ -143,12 +143,15 @@ def _to_template(prompt: str, subject: str) -> str:
     )
 
 
+def spaced(prompt: str, answer: str) -> str:
+    """An answer as it follows its prompt: with a separating space unless the prompt ends in one or the answer
+    starts with one. The one rule for how targets are trained and answers scored."""
+    return answer if prompt.endswith((" ", "\n")) or answer.startswith(" ") else " " + answer
+
+
 def target_text(request: EditRequest) -> str:
-    """The target as it follows the prompt: with a separating space unless the prompt ends in one."""
-    target = request.target_new
-    if request.prompt.endswith((" ", "\n")) or target.startswith(" "):
-        return target
-    return " " + target
+    """The new target as it follows the prompt."""
+    return spaced(request.prompt, request.target_new)
 
 
 def check_tokenization(

@@ -26,13 +26,14 @@ from pathlib import Path
 from typing import Any
 
 from .data import DATA_ENV, DataError, EditRecord, load_records
+from .data import data_folder as given_data_folder
 from .diagnostics import diagnose
 from .editor import Editor
 from .evaluate import Baseline, baseline, evaluate_records, summarize
 from .ledger import Ledger, LedgerEntry, write_atomic
 from .memory import release_memory
 from .models import load_model
-from .report import add_checkpoint, checkpoint_schedule, new_run_record, read_metrics, write_metrics
+from .report import DEFAULT_POINTS, add_checkpoint, checkpoint_schedule, new_run_record, read_metrics, write_metrics
 from .requests import EditError
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ class RunSpec:
     preset: str | None = None
     seed: int = 0
     on_error: str = "stop"
-    checkpoints: tuple[int, ...] = (50, 100, 200, 500, 1000, 2000, 3000)
+    checkpoints: tuple[int, ...] = DEFAULT_POINTS
     eval_batch_size: int = 32
     device: str | None = None
     dtype: str | None = None
@@ -92,7 +93,7 @@ def _settings(spec: RunSpec) -> Any:
 def data_folder(given: str | os.PathLike | None) -> str | None:
     """The data folder a run uses: ``given`` (``--data`` / ``data_dir=``), else $DELTAEDIT_DATA, as an absolute
     path (None: no data folder); the same precedence as dataset lookup and the key-statistics corpus."""
-    folder = given or os.environ.get(DATA_ENV) or None
+    folder = given_data_folder(given)
     return None if folder is None else str(Path(folder).expanduser().resolve())
 
 
@@ -131,6 +132,22 @@ def resume_data_dir(run_dir: str | os.PathLike, given: str | os.PathLike | None)
         f"folder can hold another dataset file and other key statistics. Resume with --data {recorded} or "
         f"without --data (it is reused; {DATA_ENV} must then be unset or name the same folder)"
     )
+
+
+def open_base_model(run_dir: str | os.PathLike, device: str | None = None):
+    """The unedited base model of the run in ``run_dir``, loaded as the run loaded it: the model run.json names
+    (else the manifest's), in the manifest's dtype (another dtype has another fingerprint), on ``device`` or the
+    run's own. Returns (model, tokenizer)."""
+    import torch
+
+    run_dir = Path(run_dir)
+    manifest = Ledger(run_dir, create=False).require_manifest()
+    run_file = run_dir / "run.json"
+    spec = json.loads(run_file.read_text()) if run_file.is_file() else {}
+    dtype = getattr(torch, str(manifest.get("dtype")), None)
+    dtype = dtype if isinstance(dtype, torch.dtype) else spec.get("dtype")
+    name = spec.get("model") or manifest["model_name"]
+    return load_model(name, device=device or spec.get("device"), dtype=dtype)
 
 
 def _kind(layout: str) -> str:
@@ -251,7 +268,12 @@ def run(
     ledger_has_entries = resume and (run_dir / "index.jsonl").is_file()
     handled = _handled(Ledger(run_dir, create=False)) if ledger_has_entries else []
     _check_stream(handled, records, spec.dataset, run_dir)  # before anything is loaded or written
-    model, tokenizer = model_and_tokenizer or load_model(spec.model, device=spec.device, dtype=spec.dtype)
+    if model_and_tokenizer is not None:
+        model, tokenizer = model_and_tokenizer
+    elif ledger_has_entries:
+        model, tokenizer = open_base_model(run_dir)
+    else:
+        model, tokenizer = load_model(spec.model, device=spec.device, dtype=spec.dtype)
     if ledger_has_entries:
         editor = Editor.resume(run_dir, model, tokenizer, data_dir=data_dir, progress=progress)
     else:

@@ -34,6 +34,7 @@ from .hooks import (
     with_cache,
 )
 from .models import ModelParts
+from .predict import final_logits, input_device
 from .requests import EditRequest
 from .tokens import encode, pad, pad_id, target_ids
 
@@ -62,10 +63,6 @@ class TargetResult:
     train_prob: float  # mean target probability over the training prompts at the last forward
 
 
-def input_device(model: nn.Module) -> torch.device:
-    return model.get_input_embeddings().weight.device
-
-
 @contextmanager
 def frozen(model: nn.Module):
     """Disable parameter gradients so backward passes only compute what the target vector needs."""
@@ -77,22 +74,6 @@ def frozen(model: nn.Module):
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
-
-
-def final_logits(model: nn.Module, parts: ModelParts, hidden: torch.Tensor) -> torch.Tensor:
-    """Unembed final (already normed) hidden states, with the soft-capping some families apply."""
-    logits = parts.unembed(hidden)
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return logits
-
-
-def logits_at(model: nn.Module, parts: ModelParts, inputs: dict, rows: torch.Tensor, cols: torch.Tensor):
-    """Logits only at the (row, col) positions a loss or metric reads: the unembedding is the costliest
-    matrix of a small model, so it is not applied to every position."""
-    hidden = model.base_model(**inputs, use_cache=False).last_hidden_state
-    return final_logits(model, parts, hidden[rows, cols])
 
 
 class KeyRead(NamedTuple):

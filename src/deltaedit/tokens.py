@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .requests import PLACEHOLDER, EditRequest, RequestError, target_text
+from .requests import PLACEHOLDER, EditRequest, RequestError, spaced, target_text
 
 
 @dataclass
@@ -46,14 +46,8 @@ def encode(tokenizer, template: str, subject: str | None, prefix: str = "") -> E
 
 
 def target_ids(tokenizer, request: EditRequest, which: str = "target_new") -> list[int]:
-    text = target_text(request) if which == "target_new" else _spaced(request, getattr(request, which))
+    text = target_text(request) if which == "target_new" else spaced(request.prompt, getattr(request, which))
     return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def _spaced(request: EditRequest, answer: str) -> str:
-    if request.prompt.endswith((" ", "\n")) or answer.startswith(" "):
-        return answer
-    return " " + answer
 
 
 @dataclass

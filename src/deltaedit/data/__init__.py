@@ -28,6 +28,13 @@ from deltaedit.data.zsre import from_zsre, load_zsre
 
 DATA_ENV = "DELTAEDIT_DATA"
 
+
+def data_folder(given: str | os.PathLike | None = None) -> str | None:
+    """The data folder: ``given`` (``--data`` / ``data_dir=``), else $DELTAEDIT_DATA, else None. The one rule
+    for datasets by name, the key-statistics corpus and a run's recorded folder."""
+    folder = given if given not in (None, "") else os.environ.get(DATA_ENV) or None
+    return None if folder is None else str(folder)
+
 # Dataset name -> files under the data folder, tried in order: the shared layout, then MEMIT's download.
 DATASETS = MappingProxyType(
     {
@@ -92,7 +99,7 @@ def find_data(name_or_path: str | os.PathLike, data_dir: str | os.PathLike | Non
         known = ", ".join(DATASETS)
         what = "is a folder, not a file" if path.is_dir() else "no such file"
         raise DataError(f"{what}, and not a dataset name (known names: {known})", path=path)
-    folder = data_dir if data_dir is not None else os.environ.get(DATA_ENV) or None
+    folder = data_folder(data_dir)
     if folder is None:
         places = " or ".join(f"DIR/{name}" for name in DATASETS[name_or_path])
         raise DataError(
