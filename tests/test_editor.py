@@ -491,3 +491,15 @@ def test_deltaedit_triggered_edit_is_orthogonal_to_the_history(tokenizer, corpus
     # the orthogonality above is the constraint at work, not an accident of random directions
     earlier = torch.linalg.svd(histories[2].double())[0][:, :2]
     assert (earlier.T @ found[0].double()).norm() > 0.5 * found[0].norm()
+
+
+def test_ft_l_keeps_every_entry_of_the_change_within_its_bound(tokenizer, corpus_file):
+    model = tiny_model("llama", n_layers=3, initializer_range=0.2)
+    editor = Editor(model, tokenizer, "ft", {"layers": [1], "lr": 0.05, "norm_constraint": 0.01}, progress=False)
+    editor.edit(REQUESTS[0])
+    change = editor.weight_delta(1)
+    assert change.abs().max() <= 0.01 + 1e-7 and change.abs().max() > 0.009  # it reached the bound
+    free = Editor(tiny_model("llama", n_layers=3, initializer_range=0.2), tokenizer, "ft",
+                  {"layers": [1], "lr": 0.05, "norm_constraint": 0.01, "unbounded": True}, progress=False)
+    free.edit(REQUESTS[0])
+    assert free.weight_delta(1).abs().max() > 0.02  # FT without the bound goes further

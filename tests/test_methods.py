@@ -555,3 +555,71 @@ def test_config_round_trip_and_fingerprint():
     settings_ = config.target_settings()
     assert (settings_.steps, settings_.lr, settings_.clamp_norm_factor) == (config.steps, config.lr, 0.75)
     assert isinstance(config, MethodConfig)
+
+
+# --- the baselines' defining invariants ---------------------------------------------------------------
+
+
+def test_rome_update_is_rank_one_and_maps_the_key_to_its_residual():
+    from deltaedit.methods import ROME, ROMEConfig
+
+    moment, _ = low_rank_moment(20, 20, seed=130)
+    method = ROME(ROMEConfig(layers=(3,)))
+    method.build({3: moment}, {3: CPU}, 8)
+    key, residual = rand(20, 1, seed=131), rand(8, 1, seed=132)
+    left, right = method.solve(3, key, residual)
+    update = LowRankUpdate(left, right, key)
+    assert update.rank == 1 and torch.linalg.matrix_rank(update.dense()).item() == 1
+    assert torch.allclose(update.dense() @ key, residual, atol=1e-4)  # Delta k = r exactly
+    u = torch.linalg.solve(moment.double(), key.double())
+    assert torch.allclose(right.double(), u / (u.T @ key.double()), rtol=1e-3)  # C^-1 k / (k^T C^-1 k)
+    with pytest.raises(ValueError, match="^layers: ROME edits exactly one layer"):
+        ROMEConfig(layers=(2, 3))
+
+
+def test_memit_solve_is_the_closed_form():
+    from deltaedit.methods import MEMIT, MEMITConfig
+
+    moment, _ = low_rank_moment(16, 16, seed=140)  # full rank: the system is invertible
+    method = MEMIT(MEMITConfig(layers=(2,), mom2_weight=3.0))
+    method.build({2: moment}, {2: CPU}, 6)
+    keys, residuals = rand(16, 3, seed=141), rand(6, 3, seed=142)
+    left, right = method.solve(2, keys, residuals)
+    k, r = keys.double(), residuals.double()
+    closed = r @ k.T @ torch.linalg.inv(3.0 * moment.double() + k @ k.T)  # R K^T (lambda C0 + K K^T)^-1
+    assert torch.allclose((left @ right.T).double(), closed, atol=1e-4)
+
+
+def test_prune_bounds_the_singular_values_of_the_accumulated_change():
+    from deltaedit.methods import PRUNE, PRUNEConfig
+
+    method = PRUNE(PRUNEConfig(layers=(0,)))
+    base = torch.diag(torch.tensor([2.0, 1.0, 0.5, 0.25])) @ torch.eye(4, 9)
+    updates = [LowRankUpdate(rand(4, 1, seed=150 + i) * 3, rand(9, 1, seed=160 + i), None) for i in range(4)]
+    plain = sum(u.dense() for u in updates)
+    composed = method.compose(0, base, updates)
+    before = torch.linalg.svdvals(plain.double())
+    after = torch.linalg.svdvals((composed - base).double())
+    s_max = 2.0
+    assert before.max() > s_max  # the plain sum exceeds the original's largest singular value
+    expected = torch.where(before > s_max, s_max + torch.log(before / s_max), before)
+    assert torch.allclose(after, expected, atol=1e-4)
+    assert after.max() <= s_max + math.log(before.max().item() / s_max) + 1e-4
+    assert not method.composes_by_sum  # every write recomputes the layer from W0 (plain MEMIT adds in place)
+
+
+def test_rect_keeps_the_stated_fraction_of_entries_by_relative_change():
+    from deltaedit.methods import RECT, RECTConfig
+    from deltaedit.updates import SparseUpdate
+
+    method = RECT(RECTConfig(layers=(0,)))
+    weight = rand(10, 20, seed=170) + 0.1
+    update = LowRankUpdate(rand(10, 1, seed=171), rand(20, 1, seed=172), rand(20, 1, seed=173))
+    kept = method.finalize_update(0, update, weight)
+    assert isinstance(kept, SparseUpdate) and kept.values.numel() == 40  # 20% of 200 entries
+    dense, full = kept.dense(), update.dense()
+    relative = (full.abs() / weight.abs()).reshape(-1)
+    chosen = kept.indices
+    assert relative[chosen].min() >= relative[torch.ones(200, dtype=torch.bool).index_fill_(0, chosen, False)].max()
+    assert torch.equal(dense.reshape(-1)[chosen], full.reshape(-1)[chosen])
+    assert int((dense != 0).sum()) == 40 and torch.equal(kept.keys, update.keys)

@@ -32,14 +32,6 @@ def known_model(model) -> str | None:
     return None
 
 
-def heuristic_layers(n_layers: int) -> tuple[int, ...]:
-    """Up to five consecutive layers ending a quarter of the way up (GPT2-XL 13-17 of 48, Llama3-8B 4-8
-    of 32 both sit in the lower third): where MLPs store factual associations."""
-    count = min(5, max(1, n_layers // 4))
-    last = max(count - 1, round(0.25 * n_layers))
-    return tuple(range(last - count + 1, last + 1))
-
-
 def preset_values(method_cls: type[EditMethod], preset: str | None) -> dict[str, Any]:
     """The option values of ``method_cls``'s preset ``preset`` (None or "default": none); ValueError naming the
     available ones for anything else."""
@@ -60,11 +52,13 @@ def default_config(
     name = known_model(model)
     if name is not None:
         entry = _table()[name]
-        values.update(entry.get("common", {}))
-        values.update(entry.get(method_cls.name, {}))
+        for klass in reversed(method_cls.__mro__):  # most general first: locate, memit, alphaedit, deltaedit
+            block = klass.__dict__.get("name")
+            if isinstance(block, str):
+                values.update(entry.get(block, {}))
     else:
         n_layers = getattr(model.config, "num_hidden_layers", None) or model.config.n_layer
-        values["layers"] = heuristic_layers(n_layers)
+        values["layers"] = method_cls.default_layers(n_layers)
     fields = set(method_cls.config_class.__dataclass_fields__)
     values = {k: v for k, v in values.items() if k in fields}
     values.update(preset_values(method_cls, preset))

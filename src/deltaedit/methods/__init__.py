@@ -5,15 +5,21 @@ from __future__ import annotations
 from .alphaedit import AlphaEdit, AlphaEditConfig
 from .base import Computed, Decision, EditContext, EditMethod, MethodConfig
 from .deltaedit import DeltaEdit, DeltaEditConfig
+from .ft import FT, FTConfig
 from .locate import LocateConfig, LocateThenEdit
 from .memit import MEMIT, MEMITConfig
+from .prune import PRUNE, PRUNEConfig
+from .rect import RECT, RECTConfig
 from .rome import ROME, ROMEConfig
 
 METHODS: dict[str, type[EditMethod]] = {
     cls.name: cls
     for cls in (
+        FT,
         ROME,
         MEMIT,
+        PRUNE,
+        RECT,
         AlphaEdit,
         DeltaEdit,
     )
@@ -37,8 +43,14 @@ __all__ = [
     "LocateConfig",
     "LocateThenEdit",
     "Decision",
+    "FT",
+    "FTConfig",
     "ROME",
     "ROMEConfig",
+    "PRUNE",
+    "PRUNEConfig",
+    "RECT",
+    "RECTConfig",
     "MEMIT",
     "MEMITConfig",
     "AlphaEdit",

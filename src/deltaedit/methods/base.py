@@ -138,6 +138,11 @@ class EditMethod:
     def __init__(self, config: MethodConfig):
         self.config = config
 
+    @classmethod
+    def default_layers(cls, n_layers: int) -> tuple[int, ...]:
+        """The layers edited in a model of ``n_layers`` blocks that has no measured defaults."""
+        return heuristic_layers(n_layers)
+
     def setup(self, context: EditContext) -> None:
         """Build state that does not depend on the edits (key statistics, projectors); called once."""
 
@@ -205,6 +210,14 @@ class EditMethod:
     def composes_by_sum(self) -> bool:
         """Whether ``compose`` is the plain sum, so a new update can be added to the weight in place."""
         return self.config.restrain == "none"
+
+
+def heuristic_layers(n_layers: int) -> tuple[int, ...]:
+    """Up to five consecutive layers ending a quarter of the way up (GPT2-XL 13-17 of 48, Llama3-8B 4-8
+    of 32 both sit in the lower third): where MLPs store factual associations."""
+    count = min(5, max(1, n_layers // 4))
+    last = max(count - 1, round(0.25 * n_layers))
+    return tuple(range(last - count + 1, last + 1))
 
 
 def restrain_change(change: torch.Tensor, base: torch.Tensor, function: str = "log") -> torch.Tensor:

@@ -74,6 +74,7 @@ class LocateConfig(MethodConfig):
 class LocateThenEdit(EditMethod):
     """Keys, target vector, spread over layers, per-layer solve; subclasses implement :meth:`solve`."""
 
+    name = "locate"  # not a method of its own: the name of its block of defaults in defaults.yaml
     config_class = LocateConfig
     needs_statistics = True  # C0 per edited layer, for the solve
 

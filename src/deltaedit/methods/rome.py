@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..requests import EditFailure
+from .base import heuristic_layers
 from .locate import LocateConfig, LocateThenEdit
 
 
@@ -35,6 +36,10 @@ class ROMEConfig(LocateConfig):
 class ROME(LocateThenEdit):
     name = "rome"
     config_class = ROMEConfig
+
+    @classmethod
+    def default_layers(cls, n_layers: int) -> tuple[int, ...]:
+        return heuristic_layers(n_layers)[-1:]  # the critical layer of the multi-layer methods
 
     def __init__(self, config: ROMEConfig):
         super().__init__(config)
