@@ -132,3 +132,19 @@ def test_a_short_run_writes_metrics_and_a_report_with_plots(stats_store, tmp_pat
     assert "| smollm2-135m |" in report.read_text()
     for plot in ("efficacy_top.png", "noise_E.png", "ktb.png"):
         assert (tmp_path / "report" / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", plot
+
+
+@pytest.mark.parametrize("method", ["ft", "rome", "memit", "prune", "rect", "alphaedit"])
+def test_every_method_makes_one_edit_the_greedy_answer(smollm2, stats_store, method):
+    """Each baseline with its SmolLM2 defaults (docs/defaults-smollm2.md) writes a single fact
+    (DeltaEdit: the tests above)."""
+    model, tokenizer = smollm2
+    editor = Editor(model, tokenizer, method=method, progress=False, stats_store=stats_store)
+    request = EditRequest("The mother tongue of {} is", "Danielle Darrieux", "English")
+    assert not greedy(model, editor, tokenizer, [request.text], ["English"])[0]
+    try:
+        result = editor.edit(request)[0]
+        assert result.success and greedy(model, editor, tokenizer, [request.text], ["English"])[0]
+    finally:
+        editor.undo_to(None)
+    assert all(torch.equal(out_weight(editor.parts.out_projs[i]), w) for i, w in editor.original_weights.items())
