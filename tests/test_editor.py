@@ -503,3 +503,33 @@ def test_ft_l_keeps_every_entry_of_the_change_within_its_bound(tokenizer, corpus
                   {"layers": [1], "lr": 0.05, "norm_constraint": 0.01, "unbounded": True}, progress=False)
     free.edit(REQUESTS[0])
     assert free.weight_delta(1).abs().max() > 0.02  # FT without the bound goes further
+
+
+def _live_tensor_bytes() -> int:
+    """Bytes of every tensor storage the garbage collector can reach, each storage once."""
+    import gc
+
+    gc.collect()
+    seen, total = set(), 0
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.Tensor) and obj.device.type != "meta":
+            storage = obj.untyped_storage()
+            if storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
+    return total
+
+
+@pytest.mark.parametrize("method", ["alphaedit", "deltaedit"])
+def test_an_editor_retains_only_each_edits_factors_and_keys(tokenizer, corpus_file, method):
+    """What an edit must keep is its factors and keys (and DeltaEdit's fixed-size sums): the tensor bytes held
+    after more edits grow by exactly that, not by temporaries of the solves or the optimizer."""
+    editor = make_editor(tokenizer, corpus_file, method=method)
+    editor.edit([*REQUESTS[:2]])  # warm-up: statistics, projectors, prefixes
+    before = _live_tensor_bytes()
+    kept_before = sum(t.nbytes for a in editor.applied for u in a.updates.values() for t in u.tensors().values())
+    editor.edit(REQUESTS[2:6])
+    kept_after = sum(t.nbytes for a in editor.applied for u in a.updates.values() for t in u.tensors().values())
+    growth = _live_tensor_bytes() - before
+    assert kept_after > kept_before
+    assert growth <= (kept_after - kept_before) + 4096, (growth, kept_after - kept_before)
