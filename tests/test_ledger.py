@@ -183,6 +183,7 @@ def test_torn_last_line_is_ignored_then_cut_off(tokenizer, corpus_file, tmp_path
     assert "torn last line" in caplog.text
 
     index.write_bytes(whole[: last_start + 25])
+    editor.close()
     resumed = Editor.resume(run, new_model(), tokenizer, progress=False)
     assert [a.edit_id for a in resumed.applied] == [0, 1]  # the torn undo never happened
     resumed.edit(REQUESTS[2])
@@ -439,6 +440,7 @@ def test_resume_after_restore(tokenizer, corpus_file, tmp_path):
     editor.edit(REQUESTS[:2])
     editor.restore()
     editor.edit(REQUESTS[2])
+    editor.close()  # let go of the run directory: the resumed editor writes it next
     resumed = Editor.resume(run, new_model(), tokenizer, progress=False)
     assert [a.edit_id for a in resumed.applied] == [2]
     assert same_params(resumed.model, params(editor.model)) and same_state(resumed, state(editor))

@@ -304,8 +304,7 @@ def test_resume_after_a_kill_between_an_edit_and_its_checkpoint(finished, assets
     edit 4's index line and before checkpoint 4 was written. The resume evaluates checkpoint 4 on the spot,
     then edits 5 and 6: metrics and weights are those of the uninterrupted run."""
     out = copy_run(finished.dir, tmp_path)
-    lines = (out / "index.jsonl").read_bytes().splitlines(keepends=True)
-    (out / "index.jsonl").write_bytes(b"".join(lines[:4]))
+    cut_after(out, 4)
     document = metrics(out)
     document["checkpoints"] = document["checkpoints"][:1]
     (out / "metrics.json").write_text(json.dumps(document))
@@ -414,9 +413,13 @@ def wikipedia_folder(root: Path, paragraphs: list[str]) -> Path:
 
 
 def cut_after(run_dir: Path, n: int) -> None:
-    """The state a kill leaves after edit ``n`` and the checkpoints up to it."""
+    """The state a kill leaves after edit ``n`` and the checkpoints up to it (the tensor file of the next edit,
+    written just before its index line would have been, stays)."""
     lines = (run_dir / "index.jsonl").read_bytes().splitlines(keepends=True)
     (run_dir / "index.jsonl").write_bytes(b"".join(lines[:n]))
+    for path in (run_dir / "edits").glob("*.safetensors"):
+        if int(path.stem) > n:
+            path.unlink()
     document = metrics(run_dir)
     document["checkpoints"] = [c for c in document["checkpoints"] if c["n_edits"] <= n]
     (run_dir / "metrics.json").write_text(json.dumps(document))
@@ -603,10 +606,11 @@ def test_on_error_stop_on_a_malformed_record_names_it_and_edits_nothing(assets, 
     assert str(dataset) in err and f"line {MALFORMED_LINE}" in err and "field 'prompt'" in err
     assert "on_error" in err  # says how to skip such records
     assert committed_edits(out) == 0 and not (out / "edits").exists()
+    assert not (out / "run.json").exists() and not (out / "manifest.json").exists()  # a failed start leaves no stub
 
-    # with the record fixed, --resume starts the run that run.json describes
+    # with the record fixed, the same command starts the run: no --force needed
     write_jsonl(dataset, [r for i, r in enumerate(bad_rows()) if i not in (2, 3)])
-    assert main(["run", "--out", str(out), "--resume", "--quiet"]) == 0
+    assert main(run_args(assets, out, 6, dataset=dataset)) == 0
     assert edit_cases(out) == ["0", "1", "4", "5"]
 
 

@@ -323,7 +323,10 @@ def cmd_log(args) -> int:
     from .ledger import Ledger
 
     ledger = Ledger(args.run_dir, create=False)
-    for entry in ledger.entries():
+    ledger.require_manifest()
+    entries = ledger.entries()
+    ledger.check_complete(entries)
+    for entry in entries:
         data = entry.data
         if args.json:
             print(json.dumps(data))

@@ -141,6 +141,17 @@ class Editor:
         if ledger is not None:
             self._attach(ledger if isinstance(ledger, Ledger) else Ledger(ledger))
 
+    def close(self) -> None:
+        """Let go of the run directory's writer lock (another Editor or process may write it then)."""
+        if self.ledger is not None:
+            self.ledger.close()
+
+    def __enter__(self) -> Editor:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     # ------------------------------------------------------------------ services for the method
     def _generated_prefixes(self, count: int, length: int) -> list[str]:
         """The bare prompt plus ``count`` short generated prefixes (seeded), made once from the unedited model."""
@@ -510,7 +521,9 @@ class Editor:
         if self.ledger is not None:
             raise LedgerError("this editor already writes a ledger; resume with a new Editor", ledger.path)
         self._check_manifest(manifest, ledger.manifest_path)
-        self._replay(ledger.entries(), ledger.path)
+        entries = ledger.entries()
+        ledger.check_complete(entries)
+        self._replay(entries, ledger.path)
         self.ledger = ledger
 
     def save_edits(self, path: str | os.PathLike) -> Path:

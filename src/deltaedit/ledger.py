@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -199,32 +200,68 @@ class Ledger:
     """A run directory: ``manifest.json``, ``index.jsonl`` and ``edits/``. Created if missing.
 
     Reading (``entries``) needs nothing else; appending needs the manifest, which the Editor writes when
-    it is given the ledger. One writer at a time per directory.
+    it is given the ledger. One writer at a time: the first write (or :meth:`lock`) takes an exclusive lock on
+    ``.deltaedit.lock``, held until :meth:`close` or the process ends; a second writer gets LedgerError naming
+    the holder's process. Every file the directory names is resolved inside it; symbolic links are refused.
     """
 
     MANIFEST = "manifest.json"
     INDEX = "index.jsonl"
     EDITS = "edits"
+    LOCK = ".deltaedit.lock"
 
     def __init__(self, path: str | os.PathLike, create: bool = True):
         self.path = Path(path).expanduser()
+        if self.path.is_symlink():
+            raise LedgerError("is a symbolic link; give the run directory itself", self.path)
         if not self.path.is_dir():
             if not create or self.path.exists():
                 raise LedgerError("is not a ledger directory", self.path)
             self.path.mkdir(parents=True)
         self._next_seq: int | None = None  # set by the first write, after repairing a torn tail
         self._edit_ids: set[int] = set()
+        self._lock_fd: int | None = None
+
+    # ---------------------------------------------------------------- one writer, files inside
+    def inside(self, name: str) -> Path:
+        """The path of ``name`` (relative, e.g. "edits/000007.safetensors") inside this directory; LedgerError if
+        it is absolute, climbs out, or passes through a symbolic link (a crafted directory reaches nothing)."""
+        return contained(self.path, name)
+
+    def lock(self) -> None:
+        """Take this directory's writer lock (idempotent for this Ledger); LedgerError naming the holder."""
+        if self._lock_fd is not None:
+            return
+        try:
+            self._lock_fd = take_lock(self.inside(self.LOCK))
+        except LedgerError as err:
+            if f"process {os.getpid()} " not in str(err):
+                raise
+            # held in this very process: by an Editor that was dropped but not yet collected? collect, try again
+            import gc
+
+            gc.collect()
+            self._lock_fd = take_lock(self.inside(self.LOCK))
+
+    def close(self) -> None:
+        """Release the writer lock (the next writer may go on)."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def __del__(self) -> None:
+        self.close()
 
     def __repr__(self) -> str:
         return f"Ledger({str(self.path)!r})"
 
     @property
     def manifest_path(self) -> Path:
-        return self.path / self.MANIFEST
+        return self.inside(self.MANIFEST)
 
     @property
     def index_path(self) -> Path:
-        return self.path / self.INDEX
+        return self.inside(self.INDEX)
 
     # ---------------------------------------------------------------- manifest
     def manifest(self) -> dict[str, Any] | None:
@@ -291,7 +328,13 @@ class Ledger:
         return out
 
     def _tensor_loader(self, data: dict[str, Any]) -> Callable[[], dict[str, torch.Tensor]]:
-        path = self.path / data["file"]
+        name = self._edit_file(data.get("edit_id"))
+        if data.get("file") != name:
+            raise LedgerError(
+                f"entry {data.get('seq')} names the file {data.get('file')!r}, not {name!r}: the index was edited",
+                self.index_path,
+            )
+        path = self.inside(name)
         expected = data["sha256"]
 
         def load() -> dict[str, torch.Tensor]:
@@ -324,9 +367,9 @@ class Ledger:
             raise LedgerError(f"already lists edit {applied.edit_id}", self.index_path)
         tensors = edit_tensors(applied)
         payload = save_bytes(tensors, metadata={"format": FORMAT, "edit_id": str(applied.edit_id)})
-        name = f"{self.EDITS}/{applied.edit_id:06d}.safetensors"
-        (self.path / self.EDITS).mkdir(exist_ok=True)
-        write_atomic(self.path / name, payload)
+        name = self._edit_file(applied.edit_id)
+        self.inside(self.EDITS).mkdir(exist_ok=True)
+        write_atomic(self.inside(name), payload)
         data = {"kind": "edit", **edit_record(applied, manifest)}
         data.update(file=name, sha256=_sha256(payload), bytes=len(payload))
         entry = self._write_line(data, self._tensor_loader)
@@ -370,11 +413,38 @@ class Ledger:
         }
         return self._write_line(data)
 
+    def _edit_file(self, edit_id: Any) -> str:
+        if not isinstance(edit_id, int) or isinstance(edit_id, bool) or edit_id < 0:
+            raise LedgerError(f"an edit line has edit_id {edit_id!r}, not a whole number", self.index_path)
+        return f"{self.EDITS}/{edit_id:06d}.safetensors"
+
+    def check_complete(self, entries: Sequence[LedgerEntry] | None = None) -> None:
+        """LedgerError when ``edits/`` holds tensor files the index does not list, beyond the one an append
+        killed before its line leaves (the next edit id): the index was truncated or emptied, and reading it
+        as it is would silently drop edits."""
+        entries = self.entries() if entries is None else entries
+        listed = {e.edit_id for e in entries if e.kind == "edit"}
+        folder = self.inside(self.EDITS)
+        files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+        stray = [int(p.stem) for p in files if p.stem.isdigit() and int(p.stem) not in listed]
+        allowed = max(listed, default=-1) + 1
+        extra = [i for i in stray if i != allowed]
+        if extra or len(stray) > 1:
+            raise LedgerError(
+                f"index.jsonl lists {len(listed)} edits but edits/ also holds files of edits "
+                f"{sorted(stray)[:10]}: the index was truncated or edited; restore it (or remove those files if "
+                "the edits were meant to go)",
+                self.path,
+            )
+
     def _open_for_writing(self) -> None:
-        """On the first write: cut off a torn last line (an append that never returned) and count entries."""
+        """On the first write: take the lock, cut off a torn last line (an append that never returned) and
+        count entries."""
         if self._next_seq is not None:
             return
+        self.lock()
         entries = self.entries()
+        self.check_complete(entries)
         if self.index_path.is_file():
             raw = self.index_path.read_bytes()
             keep = raw.rfind(b"\n") + 1
@@ -436,6 +506,42 @@ def check_base_model(
                 f"but this model's is {str(layers.get(int(layer)))[:16]}…; load that base model (unedited)",
                 source,
             )
+
+
+def contained(root: Path, name: str) -> Path:
+    """``root / name`` when it stays inside ``root`` without passing through a symbolic link; LedgerError else."""
+    relative = Path(name)
+    if relative.is_absolute() or ".." in relative.parts or not relative.parts:
+        raise LedgerError(f"names {name!r}, which is not a path inside the run directory", root)
+    path = root
+    for part in relative.parts:
+        path = path / part
+        if path.is_symlink():
+            raise LedgerError(f"{name} is a symbolic link; a run directory's files must be its own", root)
+    return path
+
+
+def take_lock(path: Path) -> int:
+    """An exclusive, non-blocking lock on ``path`` (flock, POSIX), its file then naming this process.
+
+    Returns the open descriptor (closing it releases the lock). LedgerError naming the holder when taken."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock to take (documented)
+        return fd
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
+        os.close(fd)
+        raise LedgerError(
+            f"is being written by {holder}; wait for it to finish or stop it (one writer per run directory)",
+            path.parent,
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"process {os.getpid()} ({' '.join(sys.argv[:3])[:120]})".encode(), 0)
+    return fd
 
 
 def check_format_version(version: int, source: str | os.PathLike) -> None:

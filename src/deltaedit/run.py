@@ -30,7 +30,7 @@ from .data import data_folder as given_data_folder
 from .diagnostics import diagnose
 from .editor import Editor
 from .evaluate import Baseline, baseline, evaluate_records, summarize
-from .ledger import Ledger, LedgerEntry, write_atomic
+from .ledger import Ledger, LedgerEntry, LedgerError, contained, write_atomic
 from .memory import release_memory
 from .models import load_model
 from .report import DEFAULT_POINTS, add_checkpoint, checkpoint_schedule, new_run_record, read_metrics, write_metrics
@@ -72,7 +72,7 @@ class RunSpec:
 
     @classmethod
     def load(cls, run_dir: Path) -> RunSpec:
-        path = run_dir / "run.json"
+        path = contained(run_dir, "run.json")
         if not path.is_file():
             raise RunError(f"{run_dir}: no run.json, so nothing to resume; start it without --resume")
         return cls(**json.loads(path.read_text()))
@@ -107,7 +107,7 @@ def resume_data_dir(run_dir: str | os.PathLike, given: str | os.PathLike | None)
     ``data_dir`` key), or a ledger without run.json, takes ``given`` as before.
     """
     run_dir = Path(run_dir)
-    path = run_dir / "run.json"
+    path = contained(run_dir, "run.json")
     stored = json.loads(path.read_text()) if path.is_file() else {}
     if "data_dir" not in stored:
         if stored:
@@ -142,7 +142,7 @@ def open_base_model(run_dir: str | os.PathLike, device: str | None = None):
 
     run_dir = Path(run_dir)
     manifest = Ledger(run_dir, create=False).require_manifest()
-    run_file = run_dir / "run.json"
+    run_file = contained(run_dir, "run.json")
     spec = json.loads(run_file.read_text()) if run_file.is_file() else {}
     dtype = getattr(torch, str(manifest.get("dtype")), None)
     dtype = dtype if isinstance(dtype, torch.dtype) else spec.get("dtype")
@@ -221,14 +221,54 @@ def stream_summary(
     }, rows
 
 
-def prepare_directory(run_dir: Path, resume: bool, force: bool) -> None:
-    if resume:
+# What a run directory holds that deltaedit wrote: --force removes these and nothing else.
+OWN_FILES = ("run.json", "baseline.json", "metrics.json", PER_RECORD_FILE, Ledger.MANIFEST, Ledger.INDEX)
+OWN_FOLDERS = (Ledger.EDITS,)
+
+
+def is_run_directory(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a deltaedit run: a run.json or a deltaedit ledger manifest."""
+    if (run_dir / "run.json").is_file() and not (run_dir / "run.json").is_symlink():
+        return True
+    try:
+        return Ledger(run_dir, create=False).manifest() is not None
+    except LedgerError:
+        return False
+
+
+def remove_run_files(run_dir: Path) -> None:
+    """Remove what deltaedit wrote in ``run_dir`` (OWN_FILES, edits/, its temporary files); anything else stays."""
+    for name in OWN_FILES:
+        (run_dir / name).unlink(missing_ok=True)
+    for name in OWN_FOLDERS:
+        folder = run_dir / name
+        if folder.is_symlink():
+            folder.unlink()
+        elif folder.is_dir():
+            shutil.rmtree(folder)
+    for stray in [*run_dir.glob(".metrics.*.json"), *run_dir.glob(".*.tmp")]:
+        stray.unlink(missing_ok=True)
+
+
+def prepare_directory(run_dir: Path, force: bool) -> None:
+    """A new run's directory: missing or empty, or with ``force`` a run directory whose run files go (other
+    files in it stay). Anything else is refused untouched."""
+    if run_dir.is_symlink():
+        raise RunError(f"{run_dir}: a symbolic link; give the run directory itself")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunError(f"{run_dir}: exists and is not a directory; give a directory for the run")
+    others = [p for p in run_dir.iterdir() if p.name != Ledger.LOCK] if run_dir.is_dir() else []
+    if not others:
+        run_dir.mkdir(parents=True, exist_ok=True)
         return
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not force:
-            raise RunError(f"{run_dir} already holds a run; pass --resume to continue it or --force to replace it")
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if not force:
+        raise RunError(f"{run_dir} already holds a run; pass --resume to continue it or --force to replace it")
+    if not is_run_directory(run_dir):
+        raise RunError(
+            f"{run_dir} is not empty and holds no deltaedit run (no run.json or ledger manifest); --force only "
+            "replaces a run. Choose a new or empty directory"
+        )
+    remove_run_files(run_dir)
 
 
 def run(
@@ -245,7 +285,6 @@ def run(
 
     ``model_and_tokenizer`` lets a caller pass an already loaded, *unedited* base model.
     """
-    from tqdm.auto import tqdm
 
     run_dir = Path(run_dir)
     if not resume and spec is None:
@@ -258,46 +297,73 @@ def run(
         spec = replace(stored, data_dir=resume_data_dir(run_dir, given))
     else:
         spec = replace(spec, data_dir=data_folder(data_dir if data_dir is not None else spec.data_dir))
-    prepare_directory(run_dir, resume, force)
-    if not resume:
-        write_atomic(run_dir / "run.json", json.dumps(asdict(spec), indent=2).encode())
     data_dir = spec.data_dir
-
+    # everything that can refuse the run is checked before the directory is touched
     loaded = load_records(spec.dataset, data_dir, limit=spec.n_edits, on_error=spec.on_error)
     records, kind = loaded.records, _kind(loaded.layout)
-    ledger_has_entries = resume and (run_dir / "index.jsonl").is_file()
-    handled = _handled(Ledger(run_dir, create=False)) if ledger_has_entries else []
-    _check_stream(handled, records, spec.dataset, run_dir)  # before anything is loaded or written
-    if model_and_tokenizer is not None:
-        model, tokenizer = model_and_tokenizer
-    elif ledger_has_entries:
-        model, tokenizer = open_base_model(run_dir)
-    else:
-        model, tokenizer = load_model(spec.model, device=spec.device, dtype=spec.dtype)
-    if ledger_has_entries:
-        editor = Editor.resume(run_dir, model, tokenizer, data_dir=data_dir, progress=progress)
-    else:
-        editor = Editor(
-            model,
-            tokenizer,
-            method=spec.method,
-            config={"seed": spec.seed, **spec.overrides},
-            preset=spec.preset,
-            data_dir=data_dir,
-            progress=progress,
-            ledger=run_dir,
-        )
-        for error in loaded.rejected:
-            editor.ledger.reject(
-                None,
-                str(error),
-                getattr(error, "field", None),
-                error=type(error).__name__,
-                source=str(getattr(error, "path", "") or ""),
-                line=getattr(error, "line", None),
-            )
+    ledger_has_entries = resume and (run_dir / Ledger.INDEX).is_file()
+    if not resume:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    ledger = Ledger(run_dir, create=False)
+    ledger.lock()  # before --force removes anything or a resume reads on: not while another process writes
+    try:
+        handled = _handled(ledger) if ledger_has_entries else []
+        if resume:
+            _check_stream(handled, records, spec.dataset, run_dir)  # before the model is loaded or anything written
+        else:
+            prepare_directory(run_dir, force)
+        document = _run_locked(run_dir, spec, ledger, loaded, records, kind, handled, resume, progress,
+                               ledger_has_entries, model_and_tokenizer)  # fmt: skip
+    finally:
+        ledger.close()
+    return document
 
-    baseline_path = run_dir / "baseline.json"
+
+def _run_locked(run_dir, spec, ledger, loaded, records, kind, handled, resume, progress, ledger_has_entries,
+                model_and_tokenizer) -> dict[str, Any]:  # fmt: skip
+    """The run itself, its directory's writer lock held. A start that fails before its first edit removes what
+    it wrote (no stub that would make a retry look like a run to resume)."""
+    from tqdm.auto import tqdm
+
+    data_dir = spec.data_dir
+    starting = not resume
+    try:
+        if model_and_tokenizer is not None:
+            model, tokenizer = model_and_tokenizer
+        elif ledger_has_entries:
+            model, tokenizer = open_base_model(run_dir)
+        else:
+            model, tokenizer = load_model(spec.model, device=spec.device, dtype=spec.dtype)
+        if ledger_has_entries:
+            editor = Editor.resume(ledger, model, tokenizer, data_dir=data_dir, progress=progress)
+        else:
+            editor = Editor(
+                model,
+                tokenizer,
+                method=spec.method,
+                config={"seed": spec.seed, **spec.overrides},
+                preset=spec.preset,
+                data_dir=data_dir,
+                progress=progress,
+                ledger=ledger,
+            )
+            if starting:
+                write_atomic(contained(run_dir, "run.json"), json.dumps(asdict(spec), indent=2).encode())
+            for error in loaded.rejected:
+                editor.ledger.reject(
+                    None,
+                    str(error),
+                    getattr(error, "field", None),
+                    error=type(error).__name__,
+                    source=str(getattr(error, "path", "") or ""),
+                    line=getattr(error, "line", None),
+                )
+    except BaseException:
+        if starting:
+            remove_run_files(run_dir)
+        raise
+
+    baseline_path = contained(run_dir, "baseline.json")
     if baseline_path.is_file():
         base = Baseline.load(baseline_path, records)
     else:  # the ledger is empty here: a kill before the first edit leaves no edits to have moved the model
@@ -306,7 +372,7 @@ def run(
         base = baseline(model, editor.parts, tokenizer, records, kind, batch_size=spec.eval_batch_size)
         base.save(baseline_path)
 
-    metrics_path = run_dir / "metrics.json"
+    metrics_path = contained(run_dir, "metrics.json")
     if metrics_path.is_file():
         document = read_metrics(run_dir)
     else:
@@ -337,7 +403,7 @@ def run(
         stream, rows = stream_summary(edited, made, per_record, kind)
         extra = {"eval_seconds": time.perf_counter() - started}
         add_checkpoint(document, n, spent, {kind: values, "stream": stream}, {**diagnose(editor), **extra})
-        write_atomic(run_dir / PER_RECORD_FILE, json.dumps({"n_edits": n, "records": rows}).encode())
+        write_atomic(contained(run_dir, PER_RECORD_FILE), json.dumps({"n_edits": n, "records": rows}).encode())
         write_metrics(run_dir, document)
         release_memory()  # the evaluation's logits are the largest temporaries of a run
         log.info("checkpoint %d: %s", n, ", ".join(f"{k} {v:.3f}" for k, v in values.items() if v is not None))
