@@ -117,8 +117,15 @@ def test_a_short_run_writes_metrics_and_a_report_with_plots(stats_store, tmp_pat
     monkeypatch.setenv("DELTAEDIT_CACHE", str(Path(stats_store).parent))  # the statistics the tests above used
     model, tokenizer = load_model("smollm2-135m", device="cpu")  # a copy of its own: the run edits it
     dataset = Path(__file__).parent / "fixtures" / "data" / "counterfact_simple.json"
-    spec = RunSpec(dataset=str(dataset), n_edits=3, checkpoints=(2,))
+    health = bool(os.environ.get("DELTAEDIT_DATA"))  # general/, wikitext-2/ and known/ live in the data folder
+    small = {"examples": 10, "known": 100, "ppl_tokens": 512, "fluency_prompts": 3, "fluency_tokens": 20}
+    spec = RunSpec(dataset=str(dataset), n_edits=3, checkpoints=(2,), health=health, health_options=small)
     document = run(tmp_path / "run", spec, progress=False, model_and_tokenizer=(model, tokenizer))
+    if health:
+        groups = document["checkpoints"][-1]["metrics"]
+        assert {"general", "fluency", "perplexity", "representations"} <= set(groups)
+        assert groups["perplexity"]["wikitext2"] > 1 and groups["fluency"]["n_prompts"] == 3
+        assert groups["representations"]["7"]["cosine_distance"] > 0  # the critical layer's states moved
 
     assert [c["n_edits"] for c in document["checkpoints"]] == [2, 3]
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["checkpoints"][-1]["n_edits"] == 3
@@ -130,7 +137,7 @@ def test_a_short_run_writes_metrics_and_a_report_with_plots(stats_store, tmp_pat
 
     report = write_report([tmp_path / "run"], tmp_path / "report")
     assert "| smollm2-135m |" in report.read_text()
-    for plot in ("efficacy_top.png", "noise_E.png", "ktb.png"):
+    for plot in ("efficacy_top.png", "noise_E.png", "ktb.png", *(("general.png",) if health else ())):
         assert (tmp_path / "report" / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", plot
 
 

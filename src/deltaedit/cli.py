@@ -105,6 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--checkpoints", help="comma-separated edit counts to evaluate at (default 50,100,...,3000)")
     run.add_argument("--eval-batch-size", type=int, default=32)
+    run.add_argument(
+        "--health",
+        action="store_true",
+        help="also measure model health at every checkpoint: general capability, fluency, perplexity, representations",
+    )
+    run.add_argument("--health-examples", type=_positive_int, help="examples per general-capability task (100)")
+    run.add_argument("--health-known", type=_positive_int, help="factual prompts for the representations (1000)")
     run.add_argument("--resume", action="store_true", help="continue the run in --out after a crash or kill")
     run.add_argument("--force", action="store_true", help="replace an existing run in --out")
 
@@ -125,6 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--edits-only", action="store_true", help="write the edits alone (small) to --out")
     export.add_argument("--force", action="store_true", help="overwrite --out")
     _runtime(export)
+
+    generate = sub.add_parser("generate", help="continue prompts with a run's unedited and edited model, side by side")
+    generate.add_argument("run_dir")
+    generate.add_argument("--prompt", action="append", required=True, help="a prompt to continue (repeatable)")
+    generate.add_argument("--tokens", type=_positive_int, default=40, help="tokens to generate (greedy)")
+    _runtime(generate)
 
     report = sub.add_parser("report", help="Table 1 and plots from one or more run directories")
     report.add_argument("run_dirs", nargs="+")
@@ -295,6 +308,12 @@ def cmd_run(args) -> int:
             n_edits=args.n_edits,
             overrides=_overrides(args),
             preset=args.preset,
+            health=args.health,
+            health_options={
+                name: value
+                for name, value in (("examples", args.health_examples), ("known", args.health_known))
+                if value is not None
+            },
             seed=args.seed,
             on_error=args.on_error,
             checkpoints=checkpoints,
@@ -384,6 +403,26 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_generate(args) -> int:
+    """The case study of a run: each prompt's greedy continuation by the unedited and by the edited model."""
+    from .editor import Editor
+    from .health import generate
+    from .run import open_base_model, resume_data_dir
+
+    _quiet_transformers(args.quiet)
+    data_dir = resume_data_dir(args.run_dir, args.data)
+    model, tokenizer = open_base_model(args.run_dir, device=args.device)
+    before = generate(model, tokenizer, args.prompt, args.tokens)
+    editor = Editor.resume(args.run_dir, model, tokenizer, data_dir=data_dir, progress=not args.quiet)
+    editor.close()  # reads the run, writes nothing
+    after = generate(editor.model, tokenizer, args.prompt, args.tokens)
+    for prompt, old, new in zip(args.prompt, before, after, strict=True):
+        print(f"prompt:   {prompt}")
+        print(f"unedited: {' '.join(old.split())}")
+        print(f"edited:   {' '.join(new.split())}  ({len(editor.applied)} edits)\n")
+    return 0
+
+
 def cmd_report(args) -> int:
     from .report import write_report
 
@@ -423,6 +462,7 @@ def main(argv: list[str] | None = None) -> int:
         "log": cmd_log,
         "undo": cmd_undo,
         "export": cmd_export,
+        "generate": cmd_generate,
         "report": cmd_report,
         "download": cmd_download,
     }

@@ -42,9 +42,13 @@ TABLE_COLUMNS = (
 # plot file -> (title, y label); the value each plot reads is chosen in _curve_value
 PLOTS = {
     "efficacy_top.png": ("Efficacy (top) vs number of edits (Figure 1)", "CounterFact Efficacy top"),
+    "generalization_top.png": ("Generalization (top) vs number of edits", "CounterFact Generalization top"),
+    "zsre_efficacy.png": ("ZsRE efficacy vs number of edits", "ZsRE Efficacy"),
     "noise_E.png": ("noise_E at the critical layer (Figure 4a)", "noise_E"),
     "ktb.png": ("Wrong activation k^T beta at the critical layer (Figure 2)", "k^T beta"),
+    "triggered.png": ("Share of edits the method's constraint fired on", "triggered"),
 }
+PERCENT_PLOTS = {"efficacy_top.png", "generalization_top.png", "zsre_efficacy.png", "triggered.png"}
 
 
 class RunFileError(ValueError):
@@ -198,9 +202,14 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
 
 def _curve_value(checkpoint: dict[str, Any], plot: str) -> float | None:
     diagnostics = checkpoint.get("diagnostics") or {}
-    if plot == "efficacy_top.png":
-        return _metric(checkpoint, "counterfact", "efficacy_top")
-    key = "noise_E" if plot == "noise_E.png" else "ktb"
+    metric = {
+        "efficacy_top.png": ("counterfact", "efficacy_top"),
+        "generalization_top.png": ("counterfact", "generalization_top"),
+        "zsre_efficacy.png": ("zsre", "efficacy"),
+    }.get(plot)
+    if metric is not None:
+        return _metric(checkpoint, *metric)
+    key = {"noise_E.png": "noise_E", "ktb.png": "ktb", "triggered.png": "triggered_share"}[plot]
     value = diagnostics.get(key)
     return value if isinstance(value, int | float) and math.isfinite(value) else None
 
@@ -274,17 +283,173 @@ def write_report(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLi
     for plot, (title, ylabel) in PLOTS.items():
         curves = _curves(documents, plot, legend)
         if curves:
-            _plot(out_dir / plot, title, ylabel, curves, percent=plot == "efficacy_top.png")
+            _plot(out_dir / plot, title, ylabel, curves, percent=plot in PERCENT_PLOTS)
             lines += [f"![{title}]({plot})", ""]
         else:
             (out_dir / plot).unlink(missing_ok=True)
             lines += [f"*{title}: no run has this value.*", ""]
+    lines += health_section(documents, legend, run_dirs, out_dir)
     lines += ["## Checkpoints", ""]
     for document, label, run_dir in zip(documents, legend, run_dirs, strict=True):
         lines += [f"### {label}", "", _run_summary(document["run"], run_dir), "", _checkpoint_table(document), ""]
     path = out_dir / "report.md"
     path.write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
     return path
+
+
+# ---------------------------------------------------------------------------------------------- model health
+
+
+def _health(document: dict[str, Any]) -> list[dict[str, Any]]:
+    return [c for c in document["checkpoints"] if "general" in c.get("metrics", {})]
+
+
+def health_section(documents, legend, run_dirs, out_dir: Path) -> list[str]:
+    """Model health of the runs measured with --health: a table at the last checkpoint, Figure 3 (general.png),
+    the t-SNE of hidden states (representations.png) and the case study. Empty when no run has health."""
+    runs = [(d, label, Path(r)) for d, label, r in zip(documents, legend, run_dirs, strict=True) if _health(d)]
+    if not runs:
+        for name in ("general.png", "representations.png"):
+            (out_dir / name).unlink(missing_ok=True)
+        return []
+    lines = ["## Model health", ""]
+    lines.append(
+        "At the last checkpoint of each run measured with `--health` (health.py): general-capability macro F1 "
+        "change from the unedited model averaged over the six tasks, generation entropy and perplexity edited "
+        "(unedited), and the shift of the hidden states of the known facts (mean cosine distance, MMD)."
+    )
+    lines += [
+        "",
+        "| Run | Edits | mean ΔF1 | entropy | WikiText-2 ppl | representation shift |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for document, label, _ in runs:
+        last = _health(document)[-1]["metrics"]
+        general, fluency, ppl = last["general"], last["fluency"], last["perplexity"]
+        shift = "; ".join(
+            f"layer {layer}: cos {v['cosine_distance']:.4f}, MMD {v['mmd']:.4f}"
+            for layer, v in last["representations"].items()
+        )
+        entropy = f"{_number(fluency.get('entropy'))} ({_number(fluency.get('entropy_unedited'))})"
+        lines.append(
+            f"| {label} | {_health(document)[-1]['n_edits']} | {100 * general['mean_delta']:+.2f} | {entropy} | "
+            f"{_number(ppl['wikitext2'])} ({_number(ppl['unedited'])}) | {shift} |"
+        )
+    _plot_general(out_dir / "general.png", [(d, label) for d, label, _ in runs])
+    lines += ["", "![General capability against the number of edits (Figure 3)](general.png)", ""]
+    if _plot_representations(out_dir / "representations.png", [(label, r) for _, label, r in runs]):
+        lines += ["![Hidden states of known facts, unedited and edited (Figure 4b)](representations.png)", ""]
+    lines += ["### Case study", ""]
+    for document, label, _ in runs:
+        for case in _health(document)[-1]["metrics"].get("case_study", []):
+            lines += [
+                f"- **{label}**, *{case['prompt']}*",
+                f"  - unedited: {' '.join(case['unedited'].split())}",
+                f"  - edited: {' '.join(case['edited'].split())}",
+            ]
+    return [*lines, ""]
+
+
+def _plot_general(path: Path, runs: list[tuple[dict[str, Any], str]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    from matplotlib import pyplot as plt
+
+    tasks = sorted({t for d, _ in runs for c in _health(d) for t in c["metrics"]["general"]["f1"]})
+    fig, axes = plt.subplots(2, len(tasks), figsize=(3.0 * len(tasks), 5.6), squeeze=False)
+    try:
+        for column, task in enumerate(tasks):
+            for document, label in runs:
+                points = _health(document)
+                xs = [c["n_edits"] for c in points]
+                f1 = [100 * c["metrics"]["general"]["f1"][task] for c in points]
+                delta = [100 * c["metrics"]["general"]["delta"][task] for c in points]
+                axes[0][column].plot(xs, f1, marker="o", markersize=3, label=label)
+                axes[1][column].plot(xs, delta, marker="o", markersize=3, label=label)
+            unedited = 100 * _health(runs[0][0])[0]["metrics"]["general"]["unedited"][task]
+            axes[0][column].axhline(unedited, color="gray", linestyle="--", linewidth=1)
+            axes[1][column].axhline(0, color="gray", linestyle="--", linewidth=1)
+            axes[0][column].set_title(task)
+            axes[1][column].set_xlabel("number of edits")
+        axes[0][0].set_ylabel("macro F1 (%)")
+        axes[1][0].set_ylabel("F1 - unedited F1 (points)")
+        axes[0][-1].legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+    finally:
+        plt.close(fig)
+
+
+def _plot_representations(path: Path, runs: list[tuple[str, Path]]) -> bool:
+    """t-SNE of the unedited and the last checkpoint's hidden states at the critical layer, per run, with marginal
+    densities and 0.95 confidence ellipses (paper Figure 4b). False when no run kept the states."""
+    from safetensors import safe_open
+
+    panels = []
+    for label, run_dir in runs:
+        path_states = run_dir / "representations.safetensors"
+        if not path_states.is_file():
+            continue
+        with safe_open(str(path_states), "pt") as f:
+            names = set(f.keys())
+            layers = sorted(int(n.split(".")[1]) for n in names if n.startswith("edited."))
+            if not layers:
+                continue
+            n_edits = (f.metadata() or {}).get("n_edits", "?")
+            layer = layers[0]  # the critical layer (the lower of the two kept)
+            before, after = f.get_tensor(f"unedited.{layer}"), f.get_tensor(f"edited.{layer}")
+            panels.append((label, layer, n_edits, before, after))
+    if not panels:
+        path.unlink(missing_ok=True)
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    from matplotlib import pyplot as plt
+
+    fig = plt.figure(figsize=(4.6 * len(panels), 4.6))
+    try:
+        grid = fig.add_gridspec(2, 2 * len(panels), width_ratios=[4, 1] * len(panels), height_ratios=[1, 4])
+        for index, (label, layer, n_edits, before, after) in enumerate(panels):
+            _tsne_panel(fig, grid, index, f"{label}: layer {layer}, {n_edits} edits", before.numpy(), after.numpy())
+        fig.savefig(path, dpi=100, bbox_inches="tight")
+    finally:
+        plt.close(fig)
+    return True
+
+
+def _tsne_panel(fig, grid, index: int, title: str, before, after) -> None:
+    import numpy as np
+    from scipy.stats import chi2, gaussian_kde
+    from sklearn.manifold import TSNE
+
+    both = np.concatenate([before, after])
+    perplexity = min(30.0, (len(both) - 1) / 3)  # scikit-learn needs fewer neighbours than points
+    points = TSNE(n_components=2, random_state=0, init="pca", perplexity=perplexity).fit_transform(both)
+    clouds = {"unedited": points[: len(before)], "edited": points[len(before) :]}
+    main = fig.add_subplot(grid[1, 2 * index])
+    top = fig.add_subplot(grid[0, 2 * index], sharex=main)
+    side = fig.add_subplot(grid[1, 2 * index + 1], sharey=main)
+    for (name, cloud), color in zip(clouds.items(), ("tab:blue", "tab:orange"), strict=True):
+        main.scatter(cloud[:, 0], cloud[:, 1], s=4, alpha=0.5, color=color, label=name)
+        mean, cov = cloud.mean(0), np.cov(cloud.T)
+        values, vectors = np.linalg.eigh(cov)
+        angle = np.linspace(0, 2 * np.pi, 200)
+        radius = np.sqrt(chi2.ppf(0.95, 2) * np.maximum(values, 0))
+        ellipse = mean[:, None] + vectors @ (radius[:, None] * np.stack([np.cos(angle), np.sin(angle)]))
+        main.plot(ellipse[0], ellipse[1], color=color, linewidth=1.2)
+        for axis, ax in ((0, top), (1, side)):
+            grid_values = np.linspace(points[:, axis].min(), points[:, axis].max(), 200)
+            density = gaussian_kde(cloud[:, axis])(grid_values)
+            if axis == 0:
+                ax.plot(grid_values, density, color=color)
+            else:
+                ax.plot(density, grid_values, color=color)
+    top.set_title(title, fontsize=9)
+    top.axis("off")
+    side.axis("off")
+    main.legend(fontsize=7, loc="lower right")
 
 
 def _run_summary(run: dict[str, Any], run_dir: str | os.PathLike) -> str:

@@ -30,6 +30,7 @@ from .data import data_folder as given_data_folder
 from .diagnostics import diagnose
 from .editor import Editor
 from .evaluate import Baseline, baseline, evaluate_records, summarize
+from .health import save_states
 from .ledger import Ledger, LedgerEntry, LedgerError, contained, write_atomic
 from .memory import release_memory
 from .models import load_model
@@ -59,6 +60,10 @@ class RunSpec:
     eval_batch_size: int = 32
     device: str | None = None
     dtype: str | None = None
+    # Model health at every checkpoint (general capability, fluency, perplexity, representations; health.py),
+    # with HealthSettings overrides in health_options.
+    health: bool = False
+    health_options: dict[str, Any] = field(default_factory=dict)
     # The data folder the run used (absolute; None: none): datasets named by name and, when stats_corpus is
     # None, the Wikipedia text of the key statistics come from it. Filled in by run(), checked on resume.
     data_dir: str | None = None
@@ -222,8 +227,37 @@ def stream_summary(
 
 
 # What a run directory holds that deltaedit wrote: --force removes these and nothing else.
-OWN_FILES = ("run.json", "baseline.json", "metrics.json", PER_RECORD_FILE, Ledger.MANIFEST, Ledger.INDEX)
+OWN_FILES = (
+    "run.json",
+    "baseline.json",
+    "metrics.json",
+    PER_RECORD_FILE,
+    Ledger.MANIFEST,
+    Ledger.INDEX,
+    "health_baseline.json",
+    "representations.safetensors",
+)
 OWN_FOLDERS = (Ledger.EDITS,)
+
+
+def _health(spec: RunSpec, run_dir: Path, editor: Editor, records: list[EditRecord]):
+    """The health probe of a run and the unedited model's figures: measured once, before the first edit, and kept
+    in the run directory (health_baseline.json, representations.safetensors)."""
+    from .health import BASELINE_FILE, HealthProbe, HealthSettings, load_baseline, save_baseline
+
+    try:
+        settings = HealthSettings(**spec.health_options)
+    except TypeError as err:
+        raise RunError(f"health_options: {err}; options: {sorted(HealthSettings.__dataclass_fields__)}") from None
+    last = editor.parts.n_layers - 1
+    probe = HealthProbe(editor.tokenizer, spec.data_dir, sorted({editor.config.critical_layer, last}), settings)
+    if contained(run_dir, BASELINE_FILE).is_file():
+        return probe, load_baseline(run_dir)
+    if editor.applied:
+        raise RunError(f"{run_dir}: {BASELINE_FILE} is missing but edits were made; start the run again with --force")
+    base = probe.baseline(editor.model, editor.parts, records)
+    save_baseline(base, run_dir, settings)
+    return probe, base
 
 
 def is_run_directory(run_dir: Path) -> bool:
@@ -371,6 +405,7 @@ def _run_locked(run_dir, spec, ledger, loaded, records, kind, handled, resume, p
             raise RunError(f"{run_dir}: baseline.json is missing but edits were made; start the run again with --force")
         base = baseline(model, editor.parts, tokenizer, records, kind, batch_size=spec.eval_batch_size)
         base.save(baseline_path)
+    probe, health_base = _health(spec, run_dir, editor, records) if spec.health else (None, None)
 
     metrics_path = contained(run_dir, "metrics.json")
     if metrics_path.is_file():
@@ -402,7 +437,14 @@ def _run_locked(run_dir, spec, ledger, loaded, records, kind, handled, resume, p
         made = [applied.result.success for applied in editor.applied]
         stream, rows = stream_summary(edited, made, per_record, kind)
         extra = {"eval_seconds": time.perf_counter() - started}
-        add_checkpoint(document, n, spent, {kind: values, "stream": stream}, {**diagnose(editor), **extra})
+        groups = {kind: values, "stream": stream}
+        if probe is not None:
+            health_started = time.perf_counter()
+            now = probe.measure(model, editor.parts, edited)
+            groups.update(probe.compare(now, health_base, edited))
+            save_states(run_dir, now["states"], n)
+            extra["health_seconds"] = time.perf_counter() - health_started
+        add_checkpoint(document, n, spent, groups, {**diagnose(editor), **extra})
         write_atomic(contained(run_dir, PER_RECORD_FILE), json.dumps({"n_edits": n, "records": rows}).encode())
         write_metrics(run_dir, document)
         release_memory()  # the evaluation's logits are the largest temporaries of a run
