@@ -130,6 +130,7 @@ def test_an_unedited_model_has_no_shift_and_no_f1_change(tokenizer, tmp_path):
     parts = find_parts(model)
     probe = HealthProbe(tokenizer, str(health_data(tmp_path / "data")), [1, 2], HealthSettings(**SMALL, known=12))
     from test_run import RECORDS
+
     from deltaedit.data import load_file
 
     records = load_file(write_records(tmp_path, RECORDS)).records
