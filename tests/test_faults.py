@@ -140,9 +140,9 @@ def test_editor_rejects_malformed_requests_without_a_trace(shared, prompt, subje
 @pytest.mark.parametrize(
     "request_, field, words",
     [
-        (EditRequest("The capital of {}", "\u200b", "Rome"), "subject", "cannot be located"),
+        (EditRequest("The capital of {}", "\ufffd", "Rome"), "subject", "cannot be located"),
         (EditRequest("The capital of {}", "France", "Zürich"), "target_new", "cannot represent"),
-        (EditRequest("The capital of {}", "France", "\u200b"), "target_new", "tokenizes to nothing"),
+        (EditRequest("The capital of {}", "France", "\ufffd"), "target_new", "tokenizes to nothing"),
         (EditRequest("The" + " old" * 60 + " capital of {}", "France", "Rome"), "prompt", "longer than"),
     ],
 )

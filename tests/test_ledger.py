@@ -137,8 +137,8 @@ def test_manifest_and_edit_entries(tokenizer, corpus_file, tmp_path):
 def test_rejections_are_recorded_with_request_reason_and_field(tokenizer, corpus_file, tmp_path):
     run = tmp_path / "run"
     editor = make_editor(tokenizer, corpus_file, ledger=run)
-    bad_target = EditRequest("The capital of {}", "Italy", "\u200b")  # tokenizes to nothing
-    record = EditRecord(EditRequest("The capital of {}", "\u200b", "Rome"), source="edits.jsonl", line=7)
+    bad_target = EditRequest("The capital of {}", "Italy", "\ufffd")  # tokenizes to nothing
+    record = EditRecord(EditRequest("The capital of {}", "\ufffd", "Rome"), source="edits.jsonl", line=7)
     missing = {"prompt": "The capital of {}", "subject": "Spain"}
     results = editor.edit([REQUESTS[0], bad_target, record, missing, REQUESTS[1]], on_error="skip")
     assert [r.edit_id for r in results] == [0, 1]

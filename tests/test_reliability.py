@@ -163,3 +163,116 @@ def test_the_one_file_a_kill_leaves_is_not_a_truncation(assets, finished, tmp_pa
         if int(stray.stem) > 2:
             stray.unlink()
     Ledger(out).check_complete()
+
+
+# --- clear errors, before anything heavy loads ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("extra", "words"),
+    [
+        (["--device", "cuda"], "--device cuda: this machine's torch"),
+        (["--device", "warp"], "--device 'warp': not a device"),
+        (["--set", "foo=1"], "foo: not an option of deltaedit"),
+        (["--set", "layers=[0,7]"], "layers: [7] out of range"),
+        (["--set", "lr=nan"], "lr: must be a finite number"),
+    ],
+)
+def test_a_bad_option_is_named_before_the_model_loads(assets, tmp_path, capsys, monkeypatch, extra, words):
+    import deltaedit.models as models
+
+    loads = []
+    monkeypatch.setattr(models, "embedded_model_dir", lambda *a: loads.append(a) or None)
+    out = tmp_path / "run"
+    args = ["run", "--model", str(assets.model), "--dataset", str(assets.dataset), "--out", str(out), *extra]
+    assert main(args) == 2
+    assert words in capsys.readouterr().err
+    assert not (out / "run.json").exists()
+
+
+def test_a_bad_checkpoint_list_is_named(assets, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["run", "--dataset", str(assets.dataset), "--out", str(tmp_path / "r"), "--checkpoints", "a,b"])
+    assert "expected whole numbers separated by commas" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("model", "words"),
+    [("/no/such/path", "no such directory"), ("__file__", "is a file"), ("__dir__", "not a model directory")],
+)
+def test_a_model_that_is_not_there_is_named(assets, tmp_path, capsys, model, words):
+    (tmp_path / "empty").mkdir()
+    model = {"__file__": str(assets.dataset), "__dir__": str(tmp_path / "empty")}.get(model, model)
+    assert main(["config", "--model", model, "--quiet"]) == 2
+    assert f"--model {model}: {words}" in capsys.readouterr().err
+
+
+def test_an_edit_id_that_is_not_a_number_is_named(assets, finished, tmp_path):
+    from test_run import base_model
+
+    editor = Editor.resume(copy_run(finished, tmp_path), *base_model(assets), progress=False)
+    with pytest.raises(ValueError, match="edit_id: expected a whole number"):
+        editor.undo("1")
+    with pytest.raises(ValueError, match="edit_id: expected a whole number"):
+        editor.undo_to("0")
+
+
+# --- exports: staging, --force, atomic replacement ----------------------------------------------------------
+
+
+def test_export_force_replaces_only_a_deltaedit_export(assets, finished, tmp_path, capsys):
+    target = tmp_path / "model"
+    assert main(["export", str(finished), "--out", str(target), "--quiet"]) == 0
+    assert "model.safetensors" in json.loads((target / "deltaedit.json").read_text())["files"]
+    assert main(["export", str(finished), "--out", str(target), "--force", "--quiet"]) == 0  # its own: replaced
+    (target / "notes.txt").write_text("mine")
+    assert main(["export", str(finished), "--out", str(target), "--force", "--quiet"]) == 2
+    assert "holds files the export did not write (notes.txt)" in capsys.readouterr().err
+    assert (target / "notes.txt").read_text() == "mine"
+    other = tmp_path / "thesis"
+    other.mkdir()
+    (other / "chapter1.tex").write_text("x")
+    assert main(["export", str(finished), "--out", str(other), "--force", "--quiet"]) == 2
+    assert "is not a deltaedit export" in capsys.readouterr().err and (other / "chapter1.tex").read_text() == "x"
+    text = tmp_path / "notes.safetensors"
+    text.write_text("not an edits file")
+    assert main(["export", str(finished), "--out", str(text), "--edits-only", "--force", "--quiet"]) == 2
+    assert "not a deltaedit edits file" in capsys.readouterr().err and text.read_text() == "not an edits file"
+
+
+def test_a_killed_exports_staging_folder_is_removed_by_the_next_export(assets, finished, tmp_path):
+    target = tmp_path / "model"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".model.partial-{dead.pid}"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half")
+    alive = tmp_path / f".model.partial-{os.getpid()}"  # this process is alive: not touched (it is not ours)
+    assert main(["export", str(finished), "--out", str(target), "--quiet"]) == 0
+    assert not stale.exists() and not alive.exists() and (target / "deltaedit.json").is_file()
+
+
+@pytest.mark.parametrize("exchange", [True, False])
+def test_swap_into_place_never_leaves_the_target_missing(tmp_path, monkeypatch, exchange):
+    import deltaedit.editor as editor_module
+
+    if not exchange:
+        monkeypatch.setattr(editor_module, "_exchange", lambda a, b: False)
+    target, staging = tmp_path / "model", tmp_path / ".model.partial-1"
+    target.mkdir()
+    (target / "old").write_text("old")
+    staging.mkdir()
+    (staging / "new").write_text("new")
+    real_replace = os.replace
+    seen = []
+
+    def watched(a, b):
+        seen.append(target.exists())
+        real_replace(a, b)
+        seen.append(target.exists())
+
+    monkeypatch.setattr(editor_module.os, "replace", watched)
+    editor_module.swap_into_place(staging, target)
+    assert (target / "new").read_text() == "new" and (staging / "old").read_text() == "old"
+    if exchange:
+        assert seen == []  # one atomic exchange

@@ -23,6 +23,9 @@ def make(**changes) -> EditRequest:
         ({"target_new": ""}, "target_new", "empty"),
         ({"target_new": " \t"}, "target_new", "empty"),
         ({"target_true": 3}, "target_true", "string"),
+        ({"target_new": "\u200b"}, "target_new", "no visible characters"),  # a zero-width space
+        ({"subject": 123}, "subject", "must be text, not int"),
+        ({"subject": "{}", "prompt": "The capital of {} is"}, "subject", "contains '{}'"),
         ({"prompt": "The capital of Italy is"}, "prompt", "does not contain the subject"),
         ({"prompt": "France, the capital of France, is"}, "prompt", "2 times"),
         ({"prompt": "{} and {} are"}, "prompt", "2 '{}' placeholders"),
@@ -77,7 +80,7 @@ def test_good_request_passes_tokenizer_checks(tokenizer):
 
 
 def test_target_that_tokenizes_to_nothing(tokenizer):
-    request = make(target_new="\u200b")  # zero-width space: visible to str.strip(), dropped by the normalizer
+    request = make(target_new="\ufffd")  # visible, but the test tokenizer's normalizer drops it
     with pytest.raises(RequestError) as info:
         check_tokenization(request, tokenizer, max_length=64)
     assert info.value.field == "target_new" and "tokenizes to nothing" in str(info.value)
@@ -155,3 +158,10 @@ def test_encode_with_a_slow_style_tokenizer(tokenizer):
     fast = encode(tokenizer, "The mother tongue of {} is", "Danielle Darrieux")
     slow = encode(Slow(), "The mother tongue of {} is", "Danielle Darrieux")
     assert slow == fast
+
+
+def test_a_prompt_longer_than_the_edit_bound_is_refused_whatever_the_model(tokenizer):
+    long = make(prompt="The" + " old" * 600 + " capital of {} is")
+    with pytest.raises(RequestError) as info:
+        check_tokenization(long, tokenizer, max_length=None)
+    assert info.value.field == "prompt" and "at most 512 tokens" in str(info.value)

@@ -564,7 +564,7 @@ ZERO_WIDTH = 3  # case_id of the record whose target tokenizes to nothing
 def bad_rows() -> list[dict]:
     rows = [dict(r) for r in RECORDS[:6]]
     malformed = {**rows[2], "prompt": "The capital city of somewhere"}
-    zero_width = {**rows[3], "target_new": "\u200b"}
+    zero_width = {**rows[3], "target_new": "\ufffd"}  # the tokenizer drops it
     return rows[:2] + [malformed, zero_width] + rows[4:]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -46,7 +47,25 @@ def _overrides(args) -> dict[str, Any]:
                 f"--set {name.strip()}: cannot read {value!r}; give a number, true/false, a string or a list: [4,5,6]"
             ) from None
         values.update(coerce_overrides(parsed, config_class, where=f" in --set {item!r}"))
+    options = {f.name for f in dataclasses.fields(config_class)}
+    unknown = sorted(set(values) - options)
+    if unknown:
+        raise ValueError(f"{unknown[0]}: not an option of {args.method}; options: {', '.join(sorted(options))}")
+    _check_layers(args.model, values.get("layers"))
     return values
+
+
+def _check_layers(model: str, layers) -> None:
+    """Layers beyond the model's depth are refused from its config, before the weights load."""
+    if not layers:
+        return
+    from .models import model_config
+
+    config = model_config(model)
+    depth = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
+    bad = [layer for layer in layers if depth is not None and not 0 <= int(layer) < depth]
+    if bad:
+        raise ValueError(f"layers: {bad} out of range for {model}, which has {depth} layers (0 to {depth - 1})")
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -64,6 +83,18 @@ def _common(parser: argparse.ArgumentParser) -> None:
         type=_positive_int,
         help="CPU threads for torch (default: torch's choice); 1 per process is fastest when runs share a machine",
     )
+
+
+def _checkpoint_list(text: str) -> tuple[int, ...]:
+    try:
+        points = tuple(int(c) for c in text.split(",") if c.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected whole numbers separated by commas, e.g. 50,100,200; got {text!r}"
+        ) from None
+    if not points or min(points) < 1:
+        raise argparse.ArgumentTypeError(f"expected edit counts of at least 1, e.g. 50,100,200; got {text!r}")
+    return points
 
 
 def _positive_int(text: str) -> int:
@@ -103,7 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
         default="stop",
         help="a record that cannot be edited stops the run (default) or is skipped and logged",
     )
-    run.add_argument("--checkpoints", help="comma-separated edit counts to evaluate at (default 50,100,...,3000)")
+    run.add_argument(
+        "--checkpoints",
+        type=_checkpoint_list,
+        help="comma-separated edit counts to evaluate at (default 50,100,...,3000)",
+    )
     run.add_argument("--eval-batch-size", type=int, default=32)
     run.add_argument(
         "--health",
@@ -296,11 +331,7 @@ def cmd_run(args) -> int:
     _quiet_transformers(args.quiet)
     spec = None
     if not args.resume:
-        checkpoints = (
-            RunSpec.checkpoints
-            if args.checkpoints is None
-            else tuple(int(c) for c in args.checkpoints.split(",") if c.strip())
-        )
+        checkpoints = RunSpec.checkpoints if args.checkpoints is None else args.checkpoints
         spec = RunSpec(
             model=args.model,
             method=args.method,
@@ -390,11 +421,20 @@ def cmd_undo(args) -> int:
 
 
 def cmd_export(args) -> int:
+    from .ledger import LedgerError
+
     editor = _resume_run(args)
     out = Path(args.out)
     if args.edits_only:
         if out.exists() and not args.force:
             raise FileExistsError(f"{out} exists; pass --force to overwrite it")
+        if out.exists():
+            from .edits_file import read_edits_file
+
+            try:
+                read_edits_file(out)
+            except LedgerError:
+                raise FileExistsError(f"{out}: not a deltaedit edits file; --force only replaces one") from None
         path = editor.save_edits(out)
         print(f"{len(editor.applied)} edits saved to {path} ({path.stat().st_size / 1e6:.2f} MB)")
     else:

@@ -72,6 +72,84 @@ def _to_request(item: Any) -> EditRequest:
     raise RequestError("requests", f"holds a {type(item).__name__}; give EditRequests, EditRecords or dicts")
 
 
+EXPORT_INFO = "deltaedit.json"
+STAGING_PREFIX = "."
+
+
+def check_own_export(target: Path) -> None:
+    """Refuse to replace a directory that is not a deltaedit export, or that holds files its export did not
+    write (they would be lost): --force replaces what deltaedit wrote and nothing else."""
+    info_path = target / EXPORT_INFO
+    try:
+        written = set(json.loads(info_path.read_text())["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise FileExistsError(
+            f"{target}: is not a deltaedit export (no readable {EXPORT_INFO} listing its files); choose another "
+            "directory, --force only replaces an export"
+        ) from None
+    others = sorted(p.name for p in target.iterdir() if p.name not in written)
+    if others:
+        raise FileExistsError(
+            f"{target}: holds files the export did not write ({', '.join(others[:5])}); move them out or choose "
+            "another directory"
+        )
+
+
+def remove_stale_staging(target: Path) -> None:
+    """Remove the staging folders of exports to ``target`` whose process is gone (a killed export)."""
+    for staging in target.parent.glob(f"{STAGING_PREFIX}{target.name}.partial-*"):
+        pid = staging.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def swap_into_place(staging: Path, target: Path) -> None:
+    """Make ``staging`` be ``target`` with no moment where neither exists: an atomic exchange where Linux offers
+    one (renameat2 RENAME_EXCHANGE), else rename the old aside first; the old one ends up at ``staging``."""
+    if not target.exists():
+        os.replace(staging, target)
+        return
+    if _exchange(staging, target):
+        return
+    aside = staging.with_name(staging.name + ".old")
+    os.replace(target, aside)
+    os.replace(staging, target)
+    os.replace(aside, staging)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux renameat2 with RENAME_EXCHANGE); False where that is not available."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    result = renameat2(at_fdcwd, bytes(a), at_fdcwd, bytes(b), rename_exchange)
+    return result == 0
+
+
+def _edit_id(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"edit_id: expected a whole number (an EditResult's edit_id), not {value!r}")
+    return value
+
+
 class Editor:
     """Sequentially edit ``model`` with one method.
 
@@ -382,12 +460,12 @@ class Editor:
         and cast to the model's dtype (never a subtraction, so no rounding residue builds up). DeltaEdit's
         threshold statistics keep the edit: they are a running statistic of the stream the method saw.
         """
-        self._undo([self._applied_edit(edit_id)], "undo")
+        self._undo([self._applied_edit(_edit_id(edit_id))], "undo")
 
     def undo_to(self, edit_id: int | None) -> list[int]:
         """Roll back to the point just after ``edit_id`` (``None``: before the first edit) by undoing every
         applied edit made after it, in one step. Returns the ids undone, newest last."""
-        if edit_id is not None and not -1 <= edit_id < self._next_id:
+        if edit_id is not None and not -1 <= _edit_id(edit_id) < self._next_id:
             raise ValueError(f"edit_id: no edit {edit_id} was made (ids run from 0 to {self._next_id - 1})")
         targets = [a for a in self.applied if edit_id is None or a.edit_id > edit_id]
         if targets:
@@ -646,12 +724,20 @@ class Editor:
     def save_pretrained(self, directory: str | os.PathLike, overwrite: bool = False) -> Path:
         """Save the edited model and its tokenizer as an ordinary Hugging Face directory, which plain
         ``AutoModelForCausalLM.from_pretrained`` loads. ``deltaedit.json`` beside them names the base model,
-        method, config and the edits in force. Written under a temporary name and renamed into place."""
+        method, config, the edits in force and the files written.
+
+        It is written under a temporary name and swapped into place, so ``directory`` holds the old export or
+        the new one at every moment. ``overwrite`` replaces only a deltaedit export holding nothing but the files
+        its deltaedit.json lists; any other non-empty directory is refused. Staging folders left by a killed
+        export are removed."""
         target = Path(directory).expanduser()
-        if target.exists() and not overwrite and (not target.is_dir() or any(target.iterdir())):
-            raise FileExistsError(f"{target}: exists and is not empty; pass overwrite=True to replace it")
+        if target.exists() and (not target.is_dir() or any(target.iterdir())):
+            if not overwrite:
+                raise FileExistsError(f"{target}: exists and is not empty; pass overwrite=True (--force) to replace it")
+            check_own_export(target)
         target.parent.mkdir(parents=True, exist_ok=True)
-        staging = target.with_name(f".{target.name}.partial-{os.getpid()}")
+        remove_stale_staging(target)
+        staging = target.with_name(f"{STAGING_PREFIX}{target.name}.partial-{os.getpid()}")
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
         try:
@@ -660,16 +746,12 @@ class Editor:
             info = {
                 **self.manifest(),
                 "edits": [{"edit_id": a.edit_id, "requests": [r.to_dict() for r in a.requests]} for a in self.applied],
+                "files": sorted(p.name for p in staging.iterdir()) + [EXPORT_INFO],
             }
-            (staging / "deltaedit.json").write_text(json.dumps(info, indent=2, default=repr) + "\n")
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
-            os.replace(staging, target)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+            (staging / EXPORT_INFO).write_text(json.dumps(info, indent=2, default=repr) + "\n")
+            swap_into_place(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)  # the new export's staging, or the old export swapped out
         return target
 
     export_model = save_pretrained

@@ -289,7 +289,9 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = _parse_dtype(dtype)
+    target_device = check_device(device) if device is not None else None
     source = str(embedded_model_dir(name_or_path)) if name_or_path in EMBEDDED_ALIASES else name_or_path
+    check_model_source(source)
     kwargs = {"dtype": torch_dtype} if torch_dtype is not None else {}
     if device_map is not None:
         kwargs["device_map"] = device_map
@@ -303,11 +305,64 @@ def load_model(
             "embedded default 'smollm2-135m'."
         ) from error
     if device_map is None:
-        model.to(torch.device(device) if device is not None else default_device())
+        model.to(target_device if target_device is not None else default_device())
     model.eval()
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch.device, if this machine has it; ModelLoadError naming the option and the fix else."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ModelLoadError(f"--device {device!r}: not a device; use cpu, cuda, cuda:1 or mps") from None
+    if parsed.type == "cuda" and (not torch.cuda.is_available() or (parsed.index or 0) >= torch.cuda.device_count()):
+        found = f"{torch.cuda.device_count()} CUDA device(s)" if torch.cuda.is_available() else "no CUDA device"
+        raise ModelLoadError(
+            f"--device {device}: this machine's torch ({torch.__version__}) sees {found}; use --device cpu, or "
+            "install a CUDA build of torch on a machine with a GPU"
+        )
+    if parsed.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ModelLoadError(f"--device {device}: Apple's MPS is not available here; use --device cpu")
+    return parsed
+
+
+def check_model_source(source: str) -> None:
+    """A local model directory must exist and hold a config.json; a name that looks like a path but is not
+    one is refused here rather than sent to the hub (whose error is about repository ids)."""
+    path = Path(source).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelLoadError(f"--model {source}: is a file; give a model directory or a Hugging Face id")
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(
+                f"--model {source}: not a model directory (no config.json); give a directory written by "
+                "save_pretrained / deltaedit export, or a Hugging Face id"
+            )
+        return
+    looks_like_path = source.startswith(("/", ".", "~")) or source.count("/") > 1 or "\\" in source
+    if looks_like_path:
+        raise ModelLoadError(f"--model {source}: no such directory; give an existing model directory or a hub id")
+
+
+def model_config(name_or_path: str):
+    """The model's config without its weights (None when it cannot be read cheaply: an embedded model not
+    converted yet, a hub id offline). Lets options such as layers be checked before a model loads."""
+    from transformers import AutoConfig
+
+    if name_or_path in EMBEDDED_ALIASES:
+        target = cache_dir() / "models" / name_or_path
+        if not _embedded_copy_ok(target):
+            return None
+        name_or_path = str(target)
+    else:
+        check_model_source(name_or_path)
+    try:
+        return AutoConfig.from_pretrained(name_or_path)
+    except (OSError, ValueError):
+        return None
 
 
 def _parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:

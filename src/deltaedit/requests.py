@@ -8,10 +8,12 @@ prompt is longer than the model's context" only make sense for a given model. Bo
 
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import asdict, dataclass
 from typing import Any
 
 PLACEHOLDER = "{}"
+MAX_EDIT_TOKENS = 512  # prompt (behind its longest context prefix) plus target; facts are a sentence, not a page
 
 
 class EditError(Exception):
@@ -62,12 +64,15 @@ class EditRequest:
     case_id: str | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.subject, str) or not self.subject.strip():
-            raise RequestError("subject", "is empty; give the entity the fact is about, e.g. 'France'")
-        if not isinstance(self.prompt, str) or not self.prompt.strip():
-            raise RequestError("prompt", "is empty; give a template such as 'The capital of {} is'")
-        if not isinstance(self.target_new, str) or not self.target_new.strip():
-            raise RequestError("target_new", "is empty; give the new answer, e.g. 'Rome'")
+        examples = {"subject": "'France'", "prompt": "'The capital of {} is'", "target_new": "'Rome'"}
+        for name, example in examples.items():
+            value = getattr(self, name)
+            if not isinstance(value, str):
+                raise RequestError(name, f"must be text, not {type(value).__name__} {value!r}; e.g. {example}")
+            if not visible(value):
+                raise RequestError(name, f"is empty or has no visible characters ({value!r}); give e.g. {example}")
+        if PLACEHOLDER in self.subject:
+            raise RequestError("subject", "contains '{}'; the subject is the text that fills the prompt's '{}'")
         if self.target_true is not None and not isinstance(self.target_true, str):
             raise RequestError("target_true", "must be a string or None")
         for name in ("prompt", "subject", "target_new", "target_true"):
@@ -110,6 +115,12 @@ class EditRequest:
             if required not in data:
                 raise RequestError(required, "is missing")
         return cls(**data)
+
+
+def visible(text: str) -> str:
+    """``text`` without white space, control characters and invisible format characters (zero-width spaces,
+    joiners, direction marks)."""
+    return "".join(c for c in text if not c.isspace() and unicodedata.category(c) not in ("Cf", "Cc"))
 
 
 def _check_encodable(name: str, text: str | None) -> None:
@@ -167,15 +178,20 @@ def check_tokenization(
     unk = getattr(tokenizer, "unk_token_id", None)
     if unk is not None and unk in target_ids and tokenizer.unk_token not in request.target_new:
         raise RequestError("target_new", f"{request.target_new!r} contains characters the tokenizer cannot represent")
-    if max_length is not None:
-        # counted the way the model is fed: with special tokens, behind the longest context prefix
-        total = max(len(tokenizer(prefix + request.text)["input_ids"]) for prefix in prefixes) + len(target_ids)
-        if total > max_length:
-            raise RequestError(
-                "prompt",
-                f"prompt plus target is {total} tokens (with the longest context prefix), longer than the "
-                f"model's context of {max_length}; shorten the prompt",
-            )
+    # counted the way the model is fed: with special tokens, behind the longest context prefix
+    total = max(len(tokenizer(prefix + request.text)["input_ids"]) for prefix in prefixes) + len(target_ids)
+    if total > MAX_EDIT_TOKENS:
+        raise RequestError(
+            "prompt",
+            f"prompt plus target is {total} tokens (with the longest context prefix); deltaedit edits facts of at "
+            f"most {MAX_EDIT_TOKENS} tokens (an edit's cost grows with its length); shorten the prompt",
+        )
+    if max_length is not None and total > max_length:
+        raise RequestError(
+            "prompt",
+            f"prompt plus target is {total} tokens (with the longest context prefix), longer than the "
+            f"model's context of {max_length}; shorten the prompt",
+        )
 
 
 __all__ = [
