@@ -333,7 +333,7 @@ def test_bad_set_syntax_fails_before_loading_the_model(option, message, tmp_path
 
 def test_unknown_option_is_named(assets, capsys):
     assert main(["config", "--model", str(assets.model), "--device", "cpu", "--set", "stepz=3", "--quiet"]) == 2
-    assert "deltaedit config: error: stepz: not an option of DeltaEditConfig" in capsys.readouterr().err
+    assert "deltaedit config: error: stepz: not an option of deltaedit" in capsys.readouterr().err
 
 
 def test_a_model_that_cannot_be_loaded(tmp_path, capsys):
