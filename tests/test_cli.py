@@ -338,7 +338,7 @@ def test_unknown_option_is_named(assets, capsys):
 
 def test_a_model_that_cannot_be_loaded(tmp_path, capsys):
     assert main(["config", "--model", str(tmp_path / "no-model"), "--quiet"]) == 2
-    assert "could not load" in capsys.readouterr().err
+    assert "no-model: no such directory" in capsys.readouterr().err
 
 
 # --- download --------------------------------------------------------------------------------------------

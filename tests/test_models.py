@@ -237,14 +237,19 @@ def test_load_model_dtype_and_pad_fallback(tmp_path):
         load_model(str(tmp_path), device="cpu", dtype="float8")
 
 
-@pytest.mark.parametrize("name", ["nonexistent-org/no-such-model-xyz", "/no/such/dir/model"])
-def test_load_model_offline_failure_is_a_model_load_error(monkeypatch, name):
+def test_load_model_offline_failure_is_a_model_load_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    name = "nonexistent-org/no-such-model-xyz"
     with pytest.raises(ModelLoadError) as info:
         load_model(name, device="cpu")
     message = str(info.value)
     assert repr(name) in message and "local directory" in message and "smollm2-135m" in message
     assert isinstance(info.value.__cause__, OSError)
+
+
+def test_a_missing_model_directory_is_named_without_asking_the_hub(monkeypatch):
+    with pytest.raises(ModelLoadError, match="^--model /no/such/dir/model: no such directory"):
+        load_model("/no/such/dir/model", device="cpu")
 
 
 def test_load_model_of_an_incomplete_directory(tmp_path):
