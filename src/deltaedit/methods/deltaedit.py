@@ -320,7 +320,8 @@ class DeltaEdit(AlphaEdit):
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         state = super().state_dict()
-        state["history"] = self.history
+        if self.history is not None:  # built by setup
+            state["history"] = self.history
         state["threshold"] = self.tracker.state()
         if self.past_keys:
             state["past_keys"] = torch.cat(self.past_keys, dim=1)
