@@ -66,7 +66,8 @@ def test_any_history_equals_its_reference_replay(tokenizer, corpus_file, tmp_pat
             path = subject.save_edits(folder / f"edits{generation}.safetensors")
             subject.close()
             generation += 1
-            subject = Editor.from_edits(path, new_model(), tokenizer, progress=False, ledger=folder / f"run{generation}")
+            ledger = folder / f"run{generation}"
+            subject = Editor.from_edits(path, new_model(), tokenizer, progress=False, ledger=ledger)
         elif kind == "kill_resume":
             subject.close()  # what a kill leaves: the run directory, and nothing in memory
             subject = Editor.resume(folder / f"run{generation}", new_model(), tokenizer, progress=False)
