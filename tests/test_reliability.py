@@ -276,3 +276,35 @@ def test_swap_into_place_never_leaves_the_target_missing(tmp_path, monkeypatch, 
     assert (target / "new").read_text() == "new" and (staging / "old").read_text() == "old"
     if exchange:
         assert seen == []  # one atomic exchange
+
+
+# --- model cards and the Hub ----------------------------------------------------------------------------
+
+
+def test_an_export_carries_a_model_card(assets, finished, tmp_path):
+    target = tmp_path / "model"
+    assert main(["export", str(finished), "--out", str(target), "--quiet"]) == 0
+    card = (target / "README.md").read_text()
+    manifest = json.loads((finished / "manifest.json").read_text())
+    info = json.loads((target / "deltaedit.json").read_text())
+    assert card.startswith("---\n") and "library_name: transformers" in card
+    assert manifest["base_fingerprint"] in card and "## Method and config" in card and "nullspace_threshold" in card
+    for edit in info["edits"]:
+        request = edit["requests"][0]
+        row = f"| {edit['edit_id']} | {request['subject']} | {request['prompt'].replace('{}', request['subject'])} |"
+        assert row in card and f"| {request['target_new']} |" in card
+    assert "## Metrics after 3 edits" in card and "efficacy_top" in card
+
+
+def test_push_to_hub_offline_fails_before_anything_is_written(assets, finished, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    target = tmp_path / "model"
+    assert main(["export", str(finished), "--out", str(target), "--push-to-hub", "me/edited", "--quiet"]) == 2
+    assert "HF_HUB_OFFLINE is set" in capsys.readouterr().err and not target.exists()
+    from test_run import base_model
+
+    from deltaedit.card import HubError
+
+    editor = Editor.resume(copy_run(finished, tmp_path / "copy"), *base_model(assets), progress=False)
+    with pytest.raises(HubError, match="me/edited"):
+        editor.push_to_hub("me/edited")

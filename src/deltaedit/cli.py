@@ -166,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="a Hugging Face model directory, or a .safetensors file")
     export.add_argument("--edits-only", action="store_true", help="write the edits alone (small) to --out")
     export.add_argument("--force", action="store_true", help="overwrite --out")
+    export.add_argument("--push-to-hub", metavar="REPO", help="also upload the model and its card to this Hub repo")
     _runtime(export)
 
     generate = sub.add_parser("generate", help="continue prompts with a run's unedited and edited model, side by side")
@@ -423,6 +424,10 @@ def cmd_undo(args) -> int:
 def cmd_export(args) -> int:
     from .ledger import LedgerError
 
+    if args.push_to_hub:
+        from .card import check_hub
+
+        check_hub(args.push_to_hub)  # offline, no token: refused before anything loads or is written
     editor = _resume_run(args)
     out = Path(args.out)
     if args.edits_only:
@@ -438,8 +443,15 @@ def cmd_export(args) -> int:
         path = editor.save_edits(out)
         print(f"{len(editor.applied)} edits saved to {path} ({path.stat().st_size / 1e6:.2f} MB)")
     else:
-        path = editor.save_pretrained(out, overwrite=args.force)
-        print(f"edited model ({len(editor.applied)} edits) saved to {path}")
+        from .card import last_checkpoint
+
+        metrics = last_checkpoint(args.run_dir)
+        path = editor.save_pretrained(out, overwrite=args.force, metrics=metrics)
+        print(f"edited model ({len(editor.applied)} edits) and its model card saved to {path}")
+        if args.push_to_hub:
+            from .card import push_folder
+
+            print(f"uploaded to {push_folder(path, args.push_to_hub)}")
     return 0
 
 
@@ -489,6 +501,7 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    from .card import HubError
     from .editor import EditError
     from .ledger import LedgerError
     from .models import ModelLoadError
@@ -508,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     try:
         return handlers[args.command](args)
-    except (EditError, RequestError, ModelLoadError, LedgerError, ValueError, OSError) as error:
+    except (EditError, RequestError, ModelLoadError, LedgerError, HubError, ValueError, OSError) as error:
         print(f"deltaedit {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from .applied import AppliedEdit, EditResult, applied_from, edit_record, edit_tensors
+from .card import model_card
 from .corpus import generated_texts, resolve_corpus
 from .defaults import default_config
 from .edits_file import read_edits_file, write_edits_file
@@ -721,10 +722,13 @@ class Editor:
                 self._take_back(payload)
             self._events.append((kind, payload))
 
-    def save_pretrained(self, directory: str | os.PathLike, overwrite: bool = False) -> Path:
+    def save_pretrained(
+        self, directory: str | os.PathLike, overwrite: bool = False, metrics: dict[str, Any] | None = None
+    ) -> Path:
         """Save the edited model and its tokenizer as an ordinary Hugging Face directory, which plain
         ``AutoModelForCausalLM.from_pretrained`` loads. ``deltaedit.json`` beside them names the base model,
-        method, config, the edits in force and the files written.
+        method, config, the edits in force and the files written; ``README.md`` is the model card (card.py), with
+        ``metrics`` (a run's last metrics.json checkpoint) when given.
 
         It is written under a temporary name and swapped into place, so ``directory`` holds the old export or
         the new one at every moment. ``overwrite`` replaces only a deltaedit export holding nothing but the files
@@ -743,11 +747,11 @@ class Editor:
         try:
             self.model.save_pretrained(staging)
             self.tokenizer.save_pretrained(staging)
-            info = {
-                **self.manifest(),
-                "edits": [{"edit_id": a.edit_id, "requests": [r.to_dict() for r in a.requests]} for a in self.applied],
-                "files": sorted(p.name for p in staging.iterdir()) + [EXPORT_INFO],
-            }
+            edits = [{"edit_id": a.edit_id, "requests": [r.to_dict() for r in a.requests]} for a in self.applied]
+            manifest = self.manifest()
+            (staging / "README.md").write_text(model_card(manifest, edits, metrics), encoding="utf-8")
+            files = sorted(p.name for p in staging.iterdir()) + [EXPORT_INFO]
+            info = {**manifest, "edits": edits, "files": files}
             (staging / EXPORT_INFO).write_text(json.dumps(info, indent=2, default=repr) + "\n")
             swap_into_place(staging, target)
         finally:
@@ -755,3 +759,22 @@ class Editor:
         return target
 
     export_model = save_pretrained
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        token: str | None = None,
+        private: bool = True,
+        metrics: dict[str, Any] | None = None,
+    ) -> str:
+        """Upload the edited model, its tokenizer and its model card to the Hugging Face Hub (huggingface_hub).
+        The Hub is asked first: offline, without a token or with a refused one, HubError is raised before anything
+        is written. Returns the repository's URL."""
+        import tempfile
+
+        from .card import check_hub, push_folder
+
+        check_hub(repo_id, token)
+        with tempfile.TemporaryDirectory() as folder:
+            exported = self.save_pretrained(Path(folder) / "model", metrics=metrics)
+            return push_folder(exported, repo_id, token, private)
