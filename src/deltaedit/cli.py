@@ -85,6 +85,15 @@ def _common(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected whole numbers separated by commas, e.g. 3,4,5; got {text!r}"
+        ) from None
+
+
 def _checkpoint_list(text: str) -> tuple[int, ...]:
     try:
         points = tuple(int(c) for c in text.split(",") if c.strip())
@@ -178,6 +187,36 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="Table 1 and plots from one or more run directories")
     report.add_argument("run_dirs", nargs="+")
     report.add_argument("--out", required=True, help="folder for report.md and the PNG plots")
+
+    stats = sub.add_parser("stats", help="key statistics: compute, list, export and import them")
+    verbs = stats.add_subparsers(dest="stats_command", required=True)
+    compute = verbs.add_parser("compute", help="compute (or finish) the key statistics of a model's layers")
+    compute.add_argument("--model", default="smollm2-135m")
+    compute.add_argument("--layers", type=_int_list, help="layers (default: the model's deltaedit layers)")
+    compute.add_argument("--corpus", help="a text/JSONL file or folder (default: Wikipedia in the data folder)")
+    compute.add_argument("--samples", type=_positive_int, help="texts read (default: the model's default, 2000)")
+    compute.add_argument("--max-length", type=_positive_int, help="tokens per text (default 128)")
+    compute.add_argument("--batch-size", type=_positive_int, default=16, help="texts per forward pass (memory)")
+    for verb in (compute,):
+        _runtime(verb)
+        verb.add_argument("--dtype", help="float32, float16 or bfloat16: statistics are kept per dtype")
+        verb.add_argument("--threads", type=_positive_int, help="CPU threads for torch")
+    listing = verbs.add_parser("list", help="list the cached key statistics")
+    listing.add_argument("--model", help="only this model's (loads it to read its fingerprint)")
+    listing.add_argument("--quiet", action="store_true")
+    export_stats = verbs.add_parser("export", help="write cached statistics to one safetensors file")
+    export_stats.add_argument("--model", default="smollm2-135m")
+    export_stats.add_argument("--layers", type=_int_list, help="layers (default: every cached layer of the model)")
+    export_stats.add_argument("--samples", type=_positive_int, help="only statistics of this many texts")
+    export_stats.add_argument("--out", required=True, help="the .safetensors file to write")
+    import_stats = verbs.add_parser("import", help="add statistics exported elsewhere to this machine's cache")
+    import_stats.add_argument("file")
+    import_stats.add_argument("--model", default="smollm2-135m", help="the model they must have been computed on")
+    import_stats.add_argument("--layers", type=_int_list, help="refuse a file without exactly these layers")
+    for verb in (export_stats, import_stats):
+        verb.add_argument("--device", help="where to load the model (its fingerprint is read from it)")
+        verb.add_argument("--dtype", help="the model's dtype (statistics are kept per dtype)")
+        verb.add_argument("--quiet", action="store_true")
 
     download = sub.add_parser("download", help="fetch a dataset from its public home into the data folder")
     download.add_argument("name", help="counterfact or zsre")
@@ -475,6 +514,68 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_stats(args) -> int:
+    """deltaedit stats compute / list / export / import (stats.py)."""
+    from . import stats as stats_module
+    from .models import find_parts, fingerprint, load_model
+
+    if args.stats_command == "list":
+        wanted = None
+        if args.model:
+            _quiet_transformers(True)
+            wanted = fingerprint(load_model(args.model, device="cpu")[0])
+        entries = stats_module.list_entries(fingerprint=wanted)
+        print(
+            f"{'model':<17} {'layer':>5} {'corpus':<12} {'samples':>7} {'tokens':>8} {'length':>6} {'dtype':<14} file"
+        )
+        for e in entries:
+            print(
+                f"{e.model:<17} {e.layer:>5} {Path(e.corpus).name[:12]:<12} {e.samples:>7} {e.tokens:>8} {e.max_length:>6} "
+                f"{e.dtype:<14} {e.path.name}"
+            )
+        print(f"{len(entries)} cached in {stats_module.default_store()}")
+        return 0
+    _quiet_transformers(args.quiet)
+    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
+    parts = find_parts(model)
+    mark = fingerprint(model)
+    if args.stats_command == "compute":
+        from .corpus import resolve_corpus
+        from .defaults import default_config
+        from .methods import method_class
+
+        config = default_config(model, method_class("deltaedit"))
+        layers = args.layers or list(config.layers)
+        _check_layers(args.model, layers)
+        corpus = resolve_corpus(args.corpus, args.data)
+        samples, length = args.samples or config.stats_samples, args.max_length or config.stats_max_length
+        stats_module.second_moments(
+            model, parts, tokenizer, layers, corpus, samples, length, mark, config.seed, args.batch_size, not args.quiet
+        )
+        print(f"key statistics of layers {layers} ({corpus.name}, {samples} texts of {length} tokens) are cached")
+        return 0
+    if args.stats_command == "export":
+        entries = [e for e in stats_module.list_entries(fingerprint=mark) if args.samples in (None, e.samples)]
+        if args.layers:
+            entries = [e for e in entries if e.layer in args.layers]
+        per_layer: dict[int, list] = {}
+        for entry in entries:
+            per_layer.setdefault(entry.layer, []).append(entry)
+        several = {layer: found for layer, found in per_layer.items() if len(found) > 1}
+        if several:
+            layer, found = next(iter(several.items()))
+            kinds = ", ".join(f"{e.corpus} {e.samples} texts of {e.max_length}" for e in found)
+            raise ValueError(
+                f"--samples: layer {layer} has several cached statistics ({kinds}); name one with --samples"
+            )
+        path = stats_module.export_bundle(entries, args.out)
+        print(f"statistics of layers {sorted(per_layer)} written to {path}")
+        return 0
+    written = stats_module.import_bundle(args.file, mark, parts.d_ff, args.layers)
+    print(f"imported the statistics of layers {[e.layer for e in written]} for this model into the cache")
+    return 0
+
+
 def cmd_report(args) -> int:
     from .report import write_report
 
@@ -516,6 +617,7 @@ def main(argv: list[str] | None = None) -> int:
         "undo": cmd_undo,
         "export": cmd_export,
         "generate": cmd_generate,
+        "stats": cmd_stats,
         "report": cmd_report,
         "download": cmd_download,
     }
