@@ -530,8 +530,8 @@ def cmd_stats(args) -> int:
         )
         for e in entries:
             print(
-                f"{e.model:<17} {e.layer:>5} {Path(e.corpus).name[:12]:<12} {e.samples:>7} {e.tokens:>8} {e.max_length:>6} "
-                f"{e.dtype:<14} {e.path.name}"
+                f"{e.model:<17} {e.layer:>5} {Path(e.corpus).name[:12]:<12} {e.samples:>7} {e.tokens:>8} "
+                f"{e.max_length:>6} {e.dtype:<14} {e.path.name}"
             )
         print(f"{len(entries)} cached in {stats_module.default_store()}")
         return 0
