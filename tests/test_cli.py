@@ -128,7 +128,7 @@ def test_undo_of_an_edit_that_is_not_in_force(run_copy, capsys):
 def test_export_writes_a_model_plain_transformers_loads(finished, assets, tmp_path, capsys):
     out = tmp_path / "exported"
     assert main(["export", str(finished), "--out", str(out), "--quiet", "--device", "cpu"]) == 0
-    assert f"edited model ({N_EDITS} edits) saved to {out}" in capsys.readouterr().out
+    assert f"edited model ({N_EDITS} edits) and its model card saved to {out}" in capsys.readouterr().out
     info = json.loads((out / "deltaedit.json").read_text())
     assert [e["edit_id"] for e in info["edits"]] == list(range(N_EDITS))
 
