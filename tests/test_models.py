@@ -299,3 +299,16 @@ def test_hooks_capture_patch_stop_and_always_clean_up(tokenizer):
     with pytest.raises(RuntimeError, match="inside"), edit_output(parts.layers[0], lambda h: h):
         raise RuntimeError("inside")
     assert hook_counts() == before  # every hook the context managers added is gone
+
+
+def test_generated_text_from_a_vocabulary_smaller_than_top_k():
+    """Context prefixes are sampled top-40; a model with fewer tokens than that samples from all of them."""
+    from transformers import PreTrainedTokenizerFast
+
+    from deltaedit.corpus import generated_texts
+
+    tokenizer = build_tokenizer()
+    model = tiny_model("llama", seed=0, vocab_size=20)
+    small = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer, unk_token="<unk>", pad_token="<pad>")
+    texts = generated_texts(model, small, 3, 5, seed=0, starts=("The",))
+    assert len(texts) == 3

@@ -308,3 +308,35 @@ def test_push_to_hub_offline_fails_before_anything_is_written(assets, finished, 
     editor = Editor.resume(copy_run(finished, tmp_path / "copy"), *base_model(assets), progress=False)
     with pytest.raises(HubError, match="me/edited"):
         editor.push_to_hub("me/edited")
+
+
+# --- run tracking --------------------------------------------------------------------------------------------
+
+
+def test_a_run_logs_to_tensorboard(assets, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    assert main([*run_args(assets, out, 4, checkpoints="2,4"), "--tracker", "tensorboard"]) == 0
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert [e.step for e in events.Scalars("edit/target_prob")] == [1, 2, 3, 4]
+    assert [e.step for e in events.Scalars("checkpoint/counterfact/efficacy_top")] == [2, 4]
+    metrics = json.loads((out / "metrics.json").read_text())
+    logged = events.Scalars("checkpoint/counterfact/efficacy_top")[-1].value
+    assert logged == pytest.approx(metrics["checkpoints"][-1]["metrics"]["counterfact"]["efficacy_top"])
+    assert "checkpoint/diagnostics/noise_E" in tags and "edit/score" in tags  # DeltaEdit's decision too
+
+
+def test_a_run_logs_to_wandb_offline(assets, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "run"
+    assert main([*run_args(assets, out, 2, checkpoints="2"), "--tracker", "wandb"]) == 0
+    runs = list((out / "wandb").glob("offline-run-*"))
+    (record,) = runs[0].glob("*.wandb")  # W&B's own record of the run (protobuf): the logged keys are in it
+    data = record.read_bytes()
+    assert len(runs) == 1 and b"checkpoint/counterfact/efficacy_top" in data and b"edit/target_prob" in data

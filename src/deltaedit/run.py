@@ -35,7 +35,7 @@ from .ledger import Ledger, LedgerEntry, LedgerError, contained, write_atomic
 from .memory import release_memory
 from .models import load_model
 from .report import DEFAULT_POINTS, add_checkpoint, checkpoint_schedule, new_run_record, read_metrics, write_metrics
-from .requests import EditError
+from .tracking import TRACKERS, open_tracker
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,8 @@ class RunSpec:
     # with HealthSettings overrides in health_options.
     health: bool = False
     health_options: dict[str, Any] = field(default_factory=dict)
+    tracker: str | None = None  # "tensorboard" or "wandb": per-edit figures and checkpoint metrics (tracking.py)
+    chat: bool = False  # edit and evaluate every prompt through the tokenizer's chat template (chat.py)
     # The data folder the run used (absolute; None: none): datasets named by name and, when stats_corpus is
     # None, the Wikipedia text of the key statistics come from it. Filled in by run(), checked on resume.
     data_dir: str | None = None
@@ -73,6 +75,8 @@ class RunSpec:
             raise RunError("n_edits: must be at least 1")
         if self.on_error not in ("stop", "skip"):
             raise RunError(f"on_error: use 'stop' or 'skip', not {self.on_error!r}")
+        if self.tracker not in (None, *TRACKERS):
+            raise RunError(f"tracker: use one of {TRACKERS}, not {self.tracker!r}")
         self.checkpoints = tuple(int(c) for c in self.checkpoints)
 
     @classmethod
@@ -237,7 +241,7 @@ OWN_FILES = (
     "health_baseline.json",
     "representations.safetensors",
 )
-OWN_FOLDERS = (Ledger.EDITS,)
+OWN_FOLDERS = (Ledger.EDITS, "tensorboard", "wandb")
 
 
 def _health(spec: RunSpec, run_dir: Path, editor: Editor, records: list[EditRecord]):
@@ -335,6 +339,11 @@ def run(
     # everything that can refuse the run is checked before the directory is touched
     loaded = load_records(spec.dataset, data_dir, limit=spec.n_edits, on_error=spec.on_error)
     records, kind = loaded.records, _kind(loaded.layout)
+    if spec.chat:
+        from .chat import chat_records
+        from .models import load_tokenizer
+
+        records = chat_records(records, load_tokenizer(spec.model))
     ledger_has_entries = resume and (run_dir / Ledger.INDEX).is_file()
     if not resume:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -444,38 +453,46 @@ def _run_locked(run_dir, spec, ledger, loaded, records, kind, handled, resume, p
             groups.update(probe.compare(now, health_base, edited))
             save_states(run_dir, now["states"], n)
             extra["health_seconds"] = time.perf_counter() - health_started
-        add_checkpoint(document, n, spent, groups, {**diagnose(editor), **extra})
+        diagnostics = {**diagnose(editor), **extra}
+        add_checkpoint(document, n, spent, groups, diagnostics)
+        tracker.log_checkpoint(n, {**groups, "diagnostics": {k: v for k, v in diagnostics.items() if k != "layers"}})
         write_atomic(contained(run_dir, PER_RECORD_FILE), json.dumps({"n_edits": n, "records": rows}).encode())
         write_metrics(run_dir, document)
         release_memory()  # the evaluation's logits are the largest temporaries of a run
         log.info("checkpoint %d: %s", n, ", ".join(f"{k} {v:.3f}" for k, v in values.items() if v is not None))
 
     editor.prepare()
-    if edited:
-        checkpoint()  # a kill between the last edit and its checkpoint
-    bar = tqdm(
-        total=len(records),
-        initial=len(records) - len(pending),
-        desc=f"{spec.method} on {spec.dataset}",
-        unit="edit",
-        disable=not progress,
-    )
-    for record in pending:
-        try:
-            results = editor.edit([record], on_error=spec.on_error)
-        except EditError:
-            bar.close()
-            raise
-        bar.update(1)
-        if results:
-            edited.append(record)
-            spent += results[0].seconds
-            bar.set_postfix(ok=f"{results[0].success}", p=f"{results[0].target_prob:.2f}")
+    tracker = open_tracker(spec.tracker, run_dir, {"method": spec.method, **editor.config.to_dict()})
+    try:
+        if edited:
+            checkpoint()  # a kill between the last edit and its checkpoint
+        bar = tqdm(
+            total=len(records),
+            initial=len(records) - len(pending),
+            desc=f"{spec.method} on {spec.dataset}",
+            unit="edit",
+            disable=not progress,
+        )
+        for record in pending:
+            try:
+                results = editor.edit([record], on_error=spec.on_error)
+            finally:
+                bar.update(1)
+            if results:
+                edited.append(record)
+                result = results[0]
+                spent += result.seconds
+                figures = {"target_prob": result.target_prob, "steps": result.steps, "success": result.success}
+                figures.update(seconds=result.seconds, triggered=result.triggered, **result.metrics)
+                tracker.log_edit(len(edited), figures)
+                bar.set_postfix(ok=f"{result.success}", p=f"{result.target_prob:.2f}")
+                checkpoint()
+        bar.close()
+        if len(edited) not in schedule:  # every record rejected after the last checkpoint: still end with one
+            schedule.add(len(edited))
             checkpoint()
-    bar.close()
-    if len(edited) not in schedule:  # every record rejected after the last checkpoint: still end with one
-        schedule.add(len(edited))
-        checkpoint()
+    finally:
+        tracker.close()
     return document
 
 
