@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from accelerate import dispatch_model
 from conftest import tiny_model
@@ -43,3 +44,29 @@ def test_replay_output_removes_its_own_patch_from_a_plain_block():
     with replay_output([block], torch.zeros(1)):
         assert "forward" in block.__dict__
     assert "forward" not in block.__dict__
+
+
+def test_editing_a_model_whose_other_layers_are_offloaded_to_disk(tokenizer, corpus_file, tmp_path):
+    """accelerate with disk offload of the layers not edited: the edit, undo and the fingerprint work as on the
+    model kept whole; an edited layer that is offloaded is refused naming it."""
+    from conftest import fast_config
+
+    from deltaedit import Editor, EditRequest
+    from deltaedit.models import fingerprint, out_weight
+
+    whole = tiny_model("llama", seed=6, n_layers=4, initializer_range=0.2)
+    device_map = {"model.embed_tokens": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    device_map.update({f"model.layers.{i}": "cpu" if i < 2 else "disk" for i in range(4)})
+    model = dispatch_model(
+        tiny_model("llama", seed=6, n_layers=4, initializer_range=0.2), device_map=device_map, offload_dir=str(tmp_path)
+    )
+    assert fingerprint(model) == fingerprint(whole)
+    config = fast_config(corpus_file)  # edits layers 0 and 1, kept on the CPU
+    request = EditRequest("The capital of {}", "France", "Tokyo")
+    results = [Editor(m, tokenizer, "alphaedit", config, progress=False).edit(request)[0] for m in (whole, model)]
+    assert results[1].success == results[0].success and results[1].target_prob == pytest.approx(
+        results[0].target_prob, rel=1e-4
+    )
+    with pytest.raises(ValueError, match=r"layers: the W_out of layers \[2\] is offloaded"):
+        Editor(model, tokenizer, "alphaedit", {**config, "layers": [1, 2]}, progress=False)
+    assert out_weight(find_parts(model).out_projs[3]).device.type == "meta"

@@ -191,6 +191,12 @@ class Editor:
         bad = [i for i in self.config.layers if not 0 <= i < self.parts.n_layers]
         if bad:
             raise ValueError(f"layers: {bad} out of range for a model with {self.parts.n_layers} layers")
+        offloaded = [i for i in self.config.layers if out_weight(self.parts.out_projs[i]).device.type == "meta"]
+        if offloaded:
+            raise ValueError(
+                f"layers: the W_out of layers {offloaded} is offloaded (accelerate CPU/disk offload) and cannot be "
+                "edited in place; keep the edited layers on a device in the device_map, offload others"
+            )
         self.method: EditMethod = method_cls(self.config)
         self.data_dir = data_dir
         self.progress = progress

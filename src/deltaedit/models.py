@@ -193,10 +193,14 @@ def fingerprint(model: nn.Module) -> str:
     digest.update(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
     seen: dict[tuple, int] = {}
     for name, param in model.state_dict().items():
-        key = (param.device, param.data_ptr(), param.dtype, tuple(param.shape), tuple(param.stride()))
-        if key not in seen:
-            seen[key] = weight_checksum(param)
-        digest.update(f"{name}:{tuple(param.shape)}:{param.dtype}:{seen[key]};".encode())
+        if param.device.type == "meta":  # offloaded by accelerate: its value lives in the module's hook
+            checksum = weight_checksum(offloaded_value(model, name))
+        else:  # tied tensors (one storage, two names) are read once
+            key = (param.device, param.data_ptr(), param.dtype, tuple(param.shape), tuple(param.stride()))
+            if key not in seen:
+                seen[key] = weight_checksum(param)
+            checksum = seen[key]
+        digest.update(f"{name}:{tuple(param.shape)}:{param.dtype}:{checksum};".encode())
     return digest.hexdigest()[:16]
 
 
@@ -208,6 +212,18 @@ def layer_digests(model, layers: Iterable[int | str]) -> dict[int, str]:
         for layer in layers
         if 0 <= int(layer) < parts.n_layers
     }
+
+
+def offloaded_value(model: nn.Module, name: str) -> torch.Tensor:
+    """The value of parameter ``name`` of a model accelerate dispatched with CPU or disk offload (the module holds
+    a meta tensor; the hook that loads it for each forward holds the value)."""
+    module_name, _, local = name.rpartition(".")
+    hook = getattr(model.get_submodule(module_name), "_hf_hook", None)
+    for candidate in getattr(hook, "hooks", None) or [hook]:
+        weights = getattr(candidate, "weights_map", None)
+        if weights is not None:
+            return weights[local]
+    raise ModelStructureError(f"{name} is on the meta device and no accelerate hook holds its value")
 
 
 def cache_dir() -> Path:
