@@ -340,3 +340,20 @@ def test_a_run_logs_to_wandb_offline(assets, tmp_path, monkeypatch):
     (record,) = runs[0].glob("*.wandb")  # W&B's own record of the run (protobuf): the logged keys are in it
     data = record.read_bytes()
     assert len(runs) == 1 and b"checkpoint/counterfact/efficacy_top" in data and b"edit/target_prob" in data
+
+
+def test_export_and_undo_read_nothing_a_manifest_names_outside_the_run(assets, finished, tmp_path, capsys):
+    """A crafted manifest's stats_corpus could point anywhere; export and undo replay the weights only and never
+    compute key statistics, so they read no corpus at all."""
+    from deltaedit.methods import DeltaEditConfig
+
+    out = copy_run(finished, tmp_path)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["config"]["stats_corpus"] = str(tmp_path / "outside" / "secret")
+    manifest["config_fingerprint"] = DeltaEditConfig.from_dict(manifest["config"]).fingerprint()
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["export", str(out), "--out", str(tmp_path / "m"), "--quiet"]) == 0
+    assert main(["undo", str(out), "--edit", "0", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["run", "--out", str(out), "--resume", "--quiet"]) == 2  # continuing it needs them: named
+    assert "stats_corpus" in capsys.readouterr().err

@@ -456,7 +456,8 @@ def _resume_run(args):
     _quiet_transformers(args.quiet)
     data_dir = resume_data_dir(args.run_dir, args.data)  # the run's own data folder: the same key statistics
     model, tokenizer = open_base_model(args.run_dir, device=args.device)
-    return Editor.resume(args.run_dir, model, tokenizer, data_dir=data_dir, progress=not args.quiet)
+    # undo and export need the weights, not the method's state: no key statistics are computed or read
+    return Editor.resume(args.run_dir, model, tokenizer, weights_only=True, data_dir=data_dir, progress=not args.quiet)
 
 
 def cmd_undo(args) -> int:
@@ -514,7 +515,7 @@ def cmd_generate(args) -> int:
     data_dir = resume_data_dir(args.run_dir, args.data)
     model, tokenizer = open_base_model(args.run_dir, device=args.device)
     before = generate(model, tokenizer, args.prompt, args.tokens)
-    editor = Editor.resume(args.run_dir, model, tokenizer, data_dir=data_dir, progress=not args.quiet)
+    editor = Editor.resume(args.run_dir, model, tokenizer, weights_only=True, data_dir=data_dir, progress=False)
     editor.close()  # reads the run, writes nothing
     after = generate(editor.model, tokenizer, args.prompt, args.tokens)
     for prompt, old, new in zip(args.prompt, before, after, strict=True):

@@ -212,6 +212,7 @@ class Editor:
         self._next_id = 0
         self._prefixes: dict[tuple[int, int], list[str]] = {}
         self._ready = False
+        self._weights_only = False  # Editor.resume(weights_only=True): weights replayed, no method state
         self.context = EditContext(
             model=model,
             parts=self.parts,
@@ -395,6 +396,8 @@ class Editor:
             self.ledger.reject(item, error.reason, error.field, error=type(error).__name__)
 
     def _edit_batch(self, requests: list[EditRequest]) -> EditResult:
+        if self._weights_only:
+            raise LedgerError("this editor replayed the weights only (weights_only=True); resume it fully to edit")
         self.prepare()
         started = time.perf_counter()
         layers = self.config.layers
@@ -513,8 +516,9 @@ class Editor:
         with torch.no_grad():
             for layer, value in weights.items():
                 out_weight(self.parts.out_projs[layer]).copy_(value)
-        for applied in reversed(targets):
-            self.method.revert(applied.updates)
+        if not self._weights_only:
+            for applied in reversed(targets):
+                self.method.revert(applied.updates)
         self.applied[:] = remaining
 
     # ------------------------------------------------------------------ state
@@ -586,8 +590,14 @@ class Editor:
         return {"method": method_cls.name, "config": method_cls.config_class.from_dict(manifest["config"])}
 
     @classmethod
-    def resume(cls, path: str | os.PathLike | Ledger, model, tokenizer, **kwargs: Any) -> Editor:
+    def resume(
+        cls, path: str | os.PathLike | Ledger, model, tokenizer, weights_only: bool = False, **kwargs: Any
+    ) -> Editor:
         """Continue the run recorded in ledger directory ``path``, on ``model``: its unedited base model.
+
+        ``weights_only`` replays the weights and nothing of the method's running state: no key statistics are
+        computed or read (so nothing a run directory names outside itself is read), which is all that
+        exporting, undoing or generating needs; such an editor cannot make new edits.
 
         Method and config come from the manifest; ``kwargs`` go to ``Editor`` (data_dir, progress,
         stats_store). The recorded events since the last restore (edits and undos) are replayed in order:
@@ -598,6 +608,7 @@ class Editor:
         """
         ledger = path if isinstance(path, Ledger) else Ledger(path, create=False)
         editor = cls(model, tokenizer, **cls._settings_from(ledger.require_manifest()), **kwargs)
+        editor._weights_only = weights_only
         editor._resume_from(ledger)
         return editor
 
@@ -659,8 +670,9 @@ class Editor:
             raise LedgerError("recorded edits can only be replayed onto an editor that has made none", source)
         events = self._events_from(since_restore(entries), source)
         ids = [e.edit_id for e in entries if e.kind == "edit"]
-        _ = self.contexts  # generated from the base weights, as in the recorded run
-        self.prepare()
+        if not self._weights_only:
+            _ = self.contexts  # generated from the base weights, as in the recorded run
+            self.prepare()
         try:
             self._run(events)
         except BaseException:
@@ -722,7 +734,8 @@ class Editor:
             if kind == "edit":
                 for layer, update in payload.updates.items():
                     self._put(layer, update)
-                self.method.commit(payload.updates, payload.decision)
+                if not self._weights_only:
+                    self.method.commit(payload.updates, payload.decision)
                 self.applied.append(payload)
             else:
                 self._take_back(payload)
