@@ -134,14 +134,17 @@ class EditMethod:
     # Named sets of option values (e.g. DeltaEdit's "paper" and "research"), applied over the model's defaults
     # and under the user's overrides; "default" (no change) is always available.
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
+    one_layer: ClassVar[bool] = False  # edits exactly one layer (ROME, FT)
 
     def __init__(self, config: MethodConfig):
         self.config = config
 
     @classmethod
     def default_layers(cls, n_layers: int) -> tuple[int, ...]:
-        """The layers edited in a model of ``n_layers`` blocks that has no measured defaults."""
-        return heuristic_layers(n_layers)
+        """The layers edited in a model of ``n_layers`` blocks that has no measured defaults (a one-layer method:
+        the critical layer of the others)."""
+        layers = heuristic_layers(n_layers)
+        return layers[-1:] if cls.one_layer else layers
 
     def setup(self, context: EditContext) -> None:
         """Build state that does not depend on the edits (key statistics, projectors); called once."""
@@ -210,6 +213,12 @@ class EditMethod:
     def composes_by_sum(self) -> bool:
         """Whether ``compose`` is the plain sum, so a new update can be added to the weight in place."""
         return self.config.restrain == "none"
+
+
+def require_one_layer(config: MethodConfig, method: str) -> None:
+    """The config check of a one-layer method."""
+    if len(config.layers) != 1:
+        raise ValueError(f"layers: {method} edits exactly one layer, got {list(config.layers)}; e.g. layers=[7]")
 
 
 def heuristic_layers(n_layers: int) -> tuple[int, ...]:

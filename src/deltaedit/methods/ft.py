@@ -20,7 +20,7 @@ from ..requests import EditFailure
 from ..target import frozen
 from ..tokens import encode, pad, pad_id, target_ids
 from ..updates import DenseUpdate
-from .base import Computed, Decision, EditMethod, MethodConfig, heuristic_layers
+from .base import Computed, Decision, EditMethod, MethodConfig, require_one_layer
 
 
 @dataclass
@@ -39,8 +39,7 @@ class FTConfig(MethodConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if len(self.layers) != 1:
-            raise ValueError(f"layers: FT tunes exactly one layer, got {list(self.layers)}; e.g. layers=[0]")
+        require_one_layer(self, "FT")
         if self.steps < 1 or self.lr <= 0 or self.norm_constraint <= 0:
             name = "steps" if self.steps < 1 else "lr" if self.lr <= 0 else "norm_constraint"
             raise ValueError(f"{name}: must be positive")
@@ -49,10 +48,7 @@ class FTConfig(MethodConfig):
 class FT(EditMethod):
     name = "ft"
     config_class = FTConfig
-
-    @classmethod
-    def default_layers(cls, n_layers: int) -> tuple[int, ...]:
-        return heuristic_layers(n_layers)[-1:]  # the critical layer of the multi-layer methods
+    one_layer = True
 
     def compute(self, context, requests) -> Computed:
         config = self.config

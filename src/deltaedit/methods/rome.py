@@ -14,8 +14,9 @@ from dataclasses import dataclass
 import torch
 
 from ..requests import EditFailure
-from .base import heuristic_layers
-from .locate import LocateConfig, LocateThenEdit
+from .base import require_one_layer
+from .locate import LocateConfig
+from .memit import MEMIT
 
 
 @dataclass
@@ -27,26 +28,17 @@ class ROMEConfig(LocateConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if len(self.layers) != 1:
-            raise ValueError(f"layers: ROME edits exactly one layer, got {list(self.layers)}; e.g. layers=[7]")
+        require_one_layer(self, "ROME")
         if self.ridge < 0:
             raise ValueError("ridge: must be >= 0")
 
 
-class ROME(LocateThenEdit):
+class ROME(MEMIT):
+    """MEMIT's one-layer member: the same keys, target vector and C0, a rank-one solve with no C0 weight."""
+
     name = "rome"
     config_class = ROMEConfig
-
-    @classmethod
-    def default_layers(cls, n_layers: int) -> tuple[int, ...]:
-        return heuristic_layers(n_layers)[-1:]  # the critical layer of the multi-layer methods
-
-    def __init__(self, config: ROMEConfig):
-        super().__init__(config)
-        self.second_moments: dict[int, torch.Tensor] = {}
-
-    def build(self, second_moments, devices, d_model) -> None:
-        self.second_moments = {layer: m.to(devices[layer]) for layer, m in second_moments.items()}
+    one_layer = True
 
     def compute(self, context, requests):
         if len(requests) != 1:
