@@ -623,3 +623,20 @@ def test_rect_keeps_the_stated_fraction_of_entries_by_relative_change():
     assert relative[chosen].min() >= relative[torch.ones(200, dtype=torch.bool).index_fill_(0, chosen, False)].max()
     assert torch.equal(dense.reshape(-1)[chosen], full.reshape(-1)[chosen])
     assert int((dense != 0).sum()) == 40 and torch.equal(kept.keys, update.keys)
+
+
+def test_neighbors_by_activation_pick_the_past_key_the_update_fires_on_most():
+    options = {"constraint": "targeted", "neighbors": 1, "neighbors_by": "activation"}
+    method = make_deltaedit(d_model=12, eta=0.0, warmup=0, **options)
+    method.history += rand(12, 20, seed=180)
+    key = rand(20, 1, seed=181)
+    _, beta = method.solve(1, key, torch.zeros(1, 1))
+    candidates = [rand(20, 1, seed=182 + i) for i in range(4)]
+    fired = [float((c.T @ beta).abs()) for c in candidates]
+    method.past_keys = candidates
+    projector, decision = method.influence_projector(key, key)
+    strongest = candidates[max(range(4), key=fired.__getitem__)]
+    weakest = candidates[min(range(4), key=fired.__getitem__)]
+    assert decision.metrics["rank"] == 2
+    assert (projector @ (method.history @ strongest)).norm() < 1e-4 * (method.history @ strongest).norm()
+    assert (projector @ (method.history @ weakest)).norm() > 0.05 * (method.history @ weakest).norm()

@@ -41,6 +41,7 @@ CHOICES = {
     "ema_update": ("untriggered", "clipped", "all"),
     "trigger": ("threshold", "always", "never"),
     "constraint": ("history", "targeted"),
+    "neighbors_by": ("cosine", "activation"),
     "projection": ("eigh", "lowrank"),
 }
 
@@ -60,8 +61,10 @@ class DeltaEditConfig(AlphaEditConfig):
     trigger: "threshold" (the test above), "always" (every edit after the warm-up whose history is
         non-empty), "never" (AlphaEdit with DeltaEdit's bookkeeping).
     constraint: "history": directions of Delta_hist's column space (paper); "targeted": the responses
-        Delta_hist k of this edit's prompt and context keys, plus those of the ``neighbors`` most similar past
-        keys (cosine similarity at the critical layer).
+        Delta_hist k of this edit's prompt and context keys, plus those of the ``neighbors`` past keys this
+        edit's update will fire on most: by cosine similarity to its key (``neighbors_by="cosine"``), or by the
+        activation |beta_e^T k_j| its update at the critical layer will have on them ("activation"; beta_e is the
+        solve's activation vector, known before the target vector is optimized).
     cap_fraction: at most this share of d_model directions is removed (paper 3/4; research d/4).
     projection: "eigh" decomposes D exactly; "lowrank" takes a randomized SVD of rank cap_fraction x d_model
         (research). D is Delta_hist Delta_hist^T, with include_response also + (Delta_hist k_e)(...)^T.
@@ -81,6 +84,7 @@ class DeltaEditConfig(AlphaEditConfig):
     trigger: str = "threshold"
     constraint: str = "history"
     neighbors: int = 0
+    neighbors_by: str = "cosine"
     cap_fraction: float = 0.75
     projection: str = "eigh"
     include_response: bool = False
@@ -179,6 +183,7 @@ class DeltaEdit(AlphaEdit):
             "trigger": "threshold",
             "constraint": "history",
             "neighbors": 0,
+            "neighbors_by": "cosine",
             "cap_fraction": 0.75,
             "projection": "eigh",
             "include_response": False,
@@ -196,6 +201,7 @@ class DeltaEdit(AlphaEdit):
             "trigger": "threshold",
             "constraint": "history",
             "neighbors": 0,
+            "neighbors_by": "cosine",
             "cap_fraction": 0.25,
             "projection": "lowrank",
             "include_response": True,
@@ -252,7 +258,12 @@ class DeltaEdit(AlphaEdit):
         chosen = [context_keys, keys]
         if self.config.neighbors and self.past_keys:
             past = torch.cat(self.past_keys, dim=1)
-            similarity = torch.nn.functional.normalize(past, dim=0).T @ torch.nn.functional.normalize(keys, dim=0)
+            if self.config.neighbors_by == "activation":  # how strongly this edit's update will fire on each
+                _, beta = self.solve(self.config.critical_layer, keys, keys.new_zeros(1, keys.shape[1]))
+                similarity = (past.T @ beta).abs()
+            else:
+                normalize = torch.nn.functional.normalize
+                similarity = normalize(past, dim=0).T @ normalize(keys, dim=0)
             top = similarity.max(dim=1).values.topk(min(self.config.neighbors, past.shape[1])).indices
             chosen.append(past[:, top])
         responses = self.history @ torch.cat(chosen, dim=1)
