@@ -33,6 +33,12 @@ VARIANTS: dict[str, tuple[str, str | None, list[str]]] = {
     "de-research": ("deltaedit", "research", []),
     "de-targeted-nb5": ("deltaedit", "paper", ["constraint=targeted", "neighbors=5"]),
     "de-clipped": ("deltaedit", "paper", ["ema_update=clipped"]),
+    "de-nbact5": ("deltaedit", "paper", ["constraint=targeted", "neighbors=5", "neighbors_by=activation"]),
+    "de-nbact5-always": (
+        "deltaedit",
+        "paper",
+        ["constraint=targeted", "neighbors=5", "neighbors_by=activation", "trigger=always"],
+    ),
     "de-cap25": ("deltaedit", "paper", ["cap_fraction=0.25"]),
     "ae-published": ("alphaedit", None, PUBLISHED),
     "de-eta1.5": ("deltaedit", "paper", ["eta=1.5"]),
