@@ -12,6 +12,7 @@ import torch
 from conftest import tiny_model
 from test_run import make_assets, make_spec
 
+from deltaedit.data import DATA_ENV
 from deltaedit.health import (
     TASKS,
     HealthProbe,
@@ -151,7 +152,8 @@ def write_records(tmp_path, rows):
     return path
 
 
-def test_a_run_with_health_writes_the_four_groups_and_the_report_draws_them(tokenizer, tmp_path):
+def test_a_run_with_health_writes_the_four_groups_and_the_report_draws_them(tokenizer, tmp_path, monkeypatch):
+    monkeypatch.delenv(DATA_ENV, raising=False)  # the resume below reuses the run's own data folder
     assets = make_assets(tmp_path / "assets", tokenizer)
     data = health_data(tmp_path / "data")
     spec = make_spec(assets, n_edits=4, checkpoints=(2, 4))

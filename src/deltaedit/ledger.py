@@ -250,7 +250,8 @@ class Ledger:
             self._lock_fd = None
 
     def __del__(self) -> None:
-        self.close()
+        if hasattr(self, "_lock_fd"):  # not when __init__ failed before taking the lock
+            self.close()
 
     def __repr__(self) -> str:
         return f"Ledger({str(self.path)!r})"
