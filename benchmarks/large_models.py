@@ -33,8 +33,13 @@ def shapes(scale: float) -> dict[str, dict]:
     return {
         "gpt2-xl": {
             "family": "gpt2",
-            "config": dict(n_embd=width(1600, 64), n_layer=depth(48), n_head=max(1, width(1600, 64) // 64),
-                           n_inner=width(6400, 64), n_positions=1024),  # fmt: skip
+            "config": dict(
+                n_embd=width(1600, 64),
+                n_layer=depth(48),
+                n_head=max(1, width(1600, 64) // 64),
+                n_inner=width(6400, 64),
+                n_positions=1024,
+            ),  # fmt: skip
             "layers": [13, 14, 15, 16, 17] if scale >= 1 else [1, 2, 3, 4, 5],
         },
         "llama3-8b": {

@@ -70,9 +70,7 @@ def main() -> None:
         ),
         n,
     )
-    reused = timed(
-        lambda: optimize_target(model, parts, tokenizer, request, contexts, config.critical_layer, ten), n
-    )
+    reused = timed(lambda: optimize_target(model, parts, tokenizer, request, contexts, config.critical_layer, ten), n)
     report("target vector, 10 optimizer steps (prefix + lower blocks once per edit)", full, reused)
 
     # 2. logits at every position vs only where the loss reads (one forward + backward of the target batch)
@@ -90,8 +88,11 @@ def main() -> None:
             logits = final_logits(model, parts, hidden[rows, last])
         torch.log_softmax(logits.float(), -1)[:, 0].sum().backward()
 
-    report("logits: every position vs the positions read (forward + backward)", timed(lambda: step(True), n),
-           timed(lambda: step(False), n))
+    report(
+        "logits: every position vs the positions read (forward + backward)",
+        timed(lambda: step(True), n),
+        timed(lambda: step(False), n),
+    )
 
     # 3. key statistics: the whole model vs stopping after the last edited layer (16 Wikipedia texts)
     corpus = resolve_corpus(config.stats_corpus, args.data)
@@ -113,8 +114,11 @@ def main() -> None:
                 else:
                     model(**stats_batch.inputs(), use_cache=False)
 
-        report("key statistics batch: full model vs stop after the last edited layer",
-               timed(lambda: stats_pass(False), n), timed(lambda: stats_pass(True), n))
+        report(
+            "key statistics batch: full model vs stop after the last edited layer",
+            timed(lambda: stats_pass(False), n),
+            timed(lambda: stats_pass(True), n),
+        )
 
         # 4. keys: the first edited layer's keys read in the pass that reads the critical layer's
         def separate() -> None:
@@ -122,8 +126,15 @@ def main() -> None:
             read_keys(model, parts, tokenizer, [request], contexts, [config.layers[0]], config.critical_layer)
 
         def merged() -> None:
-            read_keys(model, parts, tokenizer, [request], contexts, [config.layers[0], config.critical_layer],
-                      config.critical_layer)
+            read_keys(
+                model,
+                parts,
+                tokenizer,
+                [request],
+                contexts,
+                [config.layers[0], config.critical_layer],
+                config.critical_layer,
+            )
 
         report("keys before the solve: two passes vs one shared pass", timed(separate, n), timed(merged, n))
 
@@ -131,25 +142,33 @@ def main() -> None:
     with suppress(Exception):
         records = load_records("counterfact", args.data, limit=20).records
         base = baseline(model, parts, tokenizer, records)
-        report("evaluate 20 CounterFact records: batch 1 vs batch 32",
-               timed(lambda: evaluate(model, parts, tokenizer, records, base, batch_size=1), 1),
-               timed(lambda: evaluate(model, parts, tokenizer, records, base, batch_size=32), 1))
+        report(
+            "evaluate 20 CounterFact records: batch 1 vs batch 32",
+            timed(lambda: evaluate(model, parts, tokenizer, records, base, batch_size=1), 1),
+            timed(lambda: evaluate(model, parts, tokenizer, records, base, batch_size=32), 1),
+        )
 
     # 6. symmetric matrices: general eigendecomposition vs eigh (C0 is d_ff^2, Delta_hist Delta_hist^T d_model^2)
     generator = torch.Generator().manual_seed(0)
     for name, size in (("C0 null space", parts.d_ff), ("Delta_hist Delta_hist^T", parts.d_model)):
         a = torch.randn(size, size // 2, generator=generator, dtype=torch.float64)
         sym = a @ a.T
-        report(f"{name} ({size}x{size}): torch.linalg.eig vs eigh",
-               timed(lambda m=sym: torch.linalg.eig(m), n), timed(lambda m=sym: torch.linalg.eigh(m), n))
+        report(
+            f"{name} ({size}x{size}): torch.linalg.eig vs eigh",
+            timed(lambda m=sym: torch.linalg.eig(m), n),
+            timed(lambda m=sym: torch.linalg.eigh(m), n),
+        )
 
     # 7. AlphaEdit's P0 Kp Kp^T: recomputed at every solve (d_ff^3) vs kept up to date per commit (d_ff^2)
     d_ff = parts.d_ff
     projector = torch.randn(d_ff, d_ff, generator=generator)
     moments = torch.randn(d_ff, d_ff, generator=generator)
     key = torch.randn(d_ff, 1, generator=generator)
-    report("P0 Kp Kp^T per edit: recompute vs rank-one update",
-           timed(lambda: projector @ (moments + key @ key.T), n), timed(lambda: (projector @ key) @ key.T, n))
+    report(
+        "P0 Kp Kp^T per edit: recompute vs rank-one update",
+        timed(lambda: projector @ (moments + key @ key.T), n),
+        timed(lambda: (projector @ key) @ key.T, n),
+    )
 
 
 if __name__ == "__main__":

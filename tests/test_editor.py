@@ -499,8 +499,13 @@ def test_ft_l_keeps_every_entry_of_the_change_within_its_bound(tokenizer, corpus
     editor.edit(REQUESTS[0])
     change = editor.weight_delta(1)
     assert change.abs().max() <= 0.01 + 1e-7 and change.abs().max() > 0.009  # it reached the bound
-    free = Editor(tiny_model("llama", n_layers=3, initializer_range=0.2), tokenizer, "ft",
-                  {"layers": [1], "lr": 0.05, "norm_constraint": 0.01, "unbounded": True}, progress=False)
+    free = Editor(
+        tiny_model("llama", n_layers=3, initializer_range=0.2),
+        tokenizer,
+        "ft",
+        {"layers": [1], "lr": 0.05, "norm_constraint": 0.01, "unbounded": True},
+        progress=False,
+    )
     free.edit(REQUESTS[0])
     assert free.weight_delta(1).abs().max() > 0.02  # FT without the bound goes further
 

@@ -571,5 +571,3 @@ def test_a_manifest_layer_digest_is_checked(tokenizer, corpus_file, tmp_path):
     manifest_path.write_text(json.dumps(manifest))
     with pytest.raises(BaseModelMismatchError, match="layer 1 W_out has sha256 0000"):
         Editor.resume(tmp_path / "run", new_model(), tokenizer, progress=False)
-
-

@@ -136,9 +136,7 @@ def diagnose(editor, layers: Sequence[int] | None = None, condition: bool = True
         "critical_layer": critical,
         "triggered": len(triggered),
         "triggered_share": len(triggered) / len(decisions) if decisions else None,
-        "removed_rank_mean": (
-            sum(d.metrics.get("rank", 0) for d in triggered) / len(triggered) if triggered else None
-        ),
+        "removed_rank_mean": (sum(d.metrics.get("rank", 0) for d in triggered) / len(triggered) if triggered else None),
     }
     for name in ("noise_E", "self_E", "ktb", "ktb_abs", "delta_norm", "cond"):
         out[name] = per_layer[str(critical)].get(name)

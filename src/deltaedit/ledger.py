@@ -486,6 +486,7 @@ class Ledger:
         self._next_seq = seq + 1
         return LedgerEntry(seq, data["kind"], data, loader_for(data) if loader_for else None)
 
+
 def check_base_model(
     manifest: Mapping[str, Any], found: str, source: str | os.PathLike, layers: Mapping[int, str] | None = None
 ) -> None:

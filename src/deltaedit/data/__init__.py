@@ -35,6 +35,7 @@ def data_folder(given: str | os.PathLike | None = None) -> str | None:
     folder = given if given not in (None, "") else os.environ.get(DATA_ENV) or None
     return None if folder is None else str(folder)
 
+
 # Dataset name -> files under the data folder, tried in order: the shared layout, then MEMIT's download.
 DATASETS = MappingProxyType(
     {

@@ -161,4 +161,3 @@ class LocateThenEdit(EditMethod):
             update = LowRankUpdate(left.contiguous(), right.contiguous(), layer_keys[layer].to(device))
             updates[layer] = context.write(layer, update)
         return Computed(updates, decision, steps)
-
