@@ -1,9 +1,9 @@
 """Do edits made on raw prompts hold when the facts are asked through the chat template, and the other way round?
 
-Edits the first N records of counterfact-val one after another, once with raw prompts and once with every
-prompt in the tokenizer's chat template (deltaedit.chat), and after each stream asks both forms: efficacy (the
-new target is the greedy answer to the edit prompt) and generalization (to the paraphrases). Prints the 2 x 2
-table; asserts nothing.
+Edits the first N records of counterfact-edit (``--dataset``) one after another, once with raw prompts and
+once with every prompt in the tokenizer's chat template (deltaedit.chat), and after each stream asks both
+forms: efficacy (the new target is the greedy answer to the edit prompt) and generalization (to the
+paraphrases). Prints the 2 x 2 table; asserts nothing.
 
     DELTAEDIT_DATA=../shared/data python benchmarks/chat_transfer.py --n-edits 100 [--method deltaedit]
 """
@@ -35,12 +35,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n-edits", type=int, default=100)
     parser.add_argument("--method", default="deltaedit")
+    parser.add_argument("--dataset", default="counterfact", help="counterfact (the reported split) or counterfact-val")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model)
-    raw = [r.request for r in load_records("counterfact-val", None, limit=args.n_edits).records]
+    raw = [r.request for r in load_records(args.dataset, None, limit=args.n_edits).records]
     forms = {"raw": raw, "chat": [as_chat(r, tokenizer) for r in raw]}
     rows = []
     for edited_as, requests in forms.items():
@@ -54,7 +55,7 @@ def main() -> None:
             generalization = held(model, editor.parts, tokenizer, queries, paraphrases=True)
             rows.append((edited_as, asked_as, efficacy, generalization, seconds))
         editor.undo_to(None)
-    print(f"{args.method} on SmolLM2 ({args.model}), first {args.n_edits} counterfact-val records, sequential")
+    print(f"{args.method} on SmolLM2 ({args.model}), first {args.n_edits} {args.dataset} records, sequential")
     print("| edited with | asked with | efficacy (top) | generalization (top) | s/edit |")
     print("|---|---|---:|---:|---:|")
     for edited_as, asked_as, efficacy, generalization, seconds in rows:
