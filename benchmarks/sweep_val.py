@@ -23,6 +23,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+REFERENCE = "ae"  # the variant the last column compares with, edit by edit
 PUBLISHED = ["clamp_norm_factor=0.75", "weight_decay=0.5"]  # MEMIT's / AlphaEdit's published values
 # name -> (method, preset, --set values)
 VARIANTS: dict[str, tuple[str, str | None, list[str]]] = {
@@ -82,6 +83,26 @@ def run_one(name: str, out: Path, args: argparse.Namespace) -> str:
     return f"{name}: exit {code} after {(time.time() - started) / 60:.0f} min"
 
 
+def held_against(run_dir: Path, reference: Path) -> str:
+    """Edits (efficacy, top) that hold in only one of the two runs at the same length, and the exact two-sided
+    sign test of that split (McNemar's): how likely a split this uneven is if both hold as often."""
+    from scipy.stats import binomtest
+
+    paths = [d / "per_record.json" for d in (run_dir, reference)]
+    if run_dir == reference or not all(p.is_file() for p in paths):
+        return ""
+    mine, theirs = (json.loads(p.read_text()) for p in paths)
+    if mine["n_edits"] != theirs["n_edits"]:
+        return ""
+    holds = {r["case_id"]: r["efficacy_top"] >= 1 for r in theirs["records"]}
+    only_mine = sum(r["efficacy_top"] >= 1 and not holds[r["case_id"]] for r in mine["records"])
+    only_theirs = sum(r["efficacy_top"] < 1 and holds[r["case_id"]] for r in mine["records"])
+    if only_mine + only_theirs == 0:
+        return "0 / 0"
+    p = binomtest(only_mine, only_mine + only_theirs).pvalue
+    return f"{only_mine} / {only_theirs} (p {p:.2f})"
+
+
 def row(name: str, run_dir: Path) -> str | None:
     path = run_dir / "metrics.json"
     if not path.is_file():
@@ -110,6 +131,7 @@ def row(name: str, run_dir: Path) -> str | None:
         pct(diag.get("triggered_share")),
         "" if diag.get("removed_rank_mean") is None else f"{diag['removed_rank_mean']:.0f}",
         f"{seconds:.1f}",
+        held_against(run_dir, run_dir.parent / REFERENCE),
     ]
     return "| " + " | ".join(cells) + " |"
 
@@ -117,7 +139,7 @@ def row(name: str, run_dir: Path) -> str | None:
 def table(out: Path, names: list[str]) -> str:
     head = (
         "| variant | edits | Eff. top | Gen. top | Spe. top | Eff. larger | held when made | still held "
-        "| eroded | noise_E | triggered | dirs removed | s/edit |"
+        "| eroded | noise_E | triggered | dirs removed | s/edit | held only here / only in ae |"
     )
     lines = [head, "|---|" + "---:|" * (head.count("|") - 2)]
     lines += [r for r in (row(n, out / n) for n in names) if r]

@@ -469,7 +469,7 @@ def test_deltaedit_triggered_edit_is_orthogonal_to_the_history(tokenizer, corpus
         return result
 
     monkeypatch.setattr(editor_module, "optimize_target", spy)
-    editor = make_editor(tokenizer, corpus_file, method="deltaedit", eta=0.0, warmup=1)
+    editor = make_editor(tokenizer, corpus_file, method="deltaedit", eta=0.0, warmup=1, constraint="history")
     critical = LAYERS[-1]
     histories = []
     for request in REQUESTS[:3]:

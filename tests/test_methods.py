@@ -228,7 +228,8 @@ def test_threshold_tracker_matches_a_reference_recursion(scores, eta, delta, war
 
 
 def make_deltaedit(d_model: int = 12, d_ff: int = 20, **options) -> DeltaEdit:
-    config = DeltaEditConfig(layers=(0, 1), **options)
+    """A DeltaEdit on random statistics; the paper's constraint (Delta_hist's column space) unless asked."""
+    config = DeltaEditConfig(layers=(0, 1), **{"constraint": "history", **options})
     method = DeltaEdit(config)
     moments = {0: low_rank_moment(d_ff, 4, seed=20)[0], 1: low_rank_moment(d_ff, 4, seed=21)[0]}
     method.build(moments, {0: CPU, 1: CPU}, d_model)

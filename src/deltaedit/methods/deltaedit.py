@@ -12,7 +12,7 @@ computed and fed, and how the directions are found are options; the presets name
   ``v != 0``, warm-up 20, EMA from the first score with a non-empty history, randomized SVD of
   ``[Delta_hist k_e, Delta_hist]`` keeping at most d/4 directions with eigenvalue above 0.1;
 
-and two choices of this project, beyond the paper:
+and two choices of this project, beyond the paper (the first is the default; otherwise the default is the paper):
 
 * ``constraint="targeted"``: the cross term of eq. 16 for edit e is ``2 (k_e^T beta_e) alpha_e^T (Delta_hist
   k_e)``, so alpha_e only has to avoid the directions ``Delta_hist k`` of this edit's keys (bare prompt and
@@ -60,7 +60,8 @@ class DeltaEditConfig(AlphaEditConfig):
         the threshold cannot lock in), "all".
     trigger: "threshold" (the test above), "always" (every edit after the warm-up whose history is
         non-empty), "never" (AlphaEdit with DeltaEdit's bookkeeping).
-    constraint: "history": directions of Delta_hist's column space (paper); "targeted": the responses
+    constraint: "history": directions of Delta_hist's column space (paper); "targeted" (the default, chosen
+        on counterfact-val, docs/defaults-smollm2.md): the responses
         Delta_hist k of this edit's prompt and context keys, plus those of the ``neighbors`` past keys this
         edit's update will fire on most: by cosine similarity to its key (``neighbors_by="cosine"``), or by the
         activation |beta_e^T k_j| its update at the critical layer will have on them ("activation"; beta_e is the
@@ -82,7 +83,7 @@ class DeltaEditConfig(AlphaEditConfig):
     ema_init: str = "zero"
     ema_update: str = "untriggered"
     trigger: str = "threshold"
-    constraint: str = "history"
+    constraint: str = "targeted"
     neighbors: int = 0
     neighbors_by: str = "cosine"
     cap_fraction: float = 0.75
