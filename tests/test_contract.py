@@ -16,6 +16,7 @@ import dataclasses
 import pytest
 import torch
 from conftest import tiny_model
+from test_ledger import REQUESTS as LEDGER_REQUESTS
 from test_ledger import params, same_params, same_state, state
 from test_run import (
     base_model,
@@ -26,16 +27,12 @@ from test_run import (
     set_args,
 )
 
-from deltaedit import Editor, EditRequest, Ledger, RequestError, apply_edits
+from deltaedit import Editor, Ledger, RequestError, apply_edits
 from deltaedit.cli import main
 from deltaedit.methods import METHODS
 from deltaedit.models import find_parts, out_weight
 
-REQUESTS = [
-    EditRequest("The mother tongue of {}", "Danielle Darrieux", "German"),
-    EditRequest("The capital city of {}", "France", "Tokyo"),
-    EditRequest("The headquarters of {}", "Toyota", "Berlin"),
-]
+REQUESTS = LEDGER_REQUESTS[:3]
 SINGLE_LAYER = {"ft", "rome"}
 
 
