@@ -22,6 +22,7 @@ from deltaedit.health import (
     mean_cosine_distance,
     mmd,
     ngram_entropy,
+    perplexity,
 )
 from deltaedit.health import f1 as task_f1
 from deltaedit.models import find_parts
@@ -124,6 +125,24 @@ def health_data(root):
 
 
 SMALL = {"examples": 6, "shots": 2, "fluency_prompts": 3, "fluency_tokens": 5, "ppl_tokens": 64, "ppl_window": 16}
+
+
+def test_perplexity_in_chunks_is_the_language_model_loss_of_each_window(tokenizer):
+    """Windows of 5 tokens, the last one shorter (padded in its batch), unembedded 3 positions at a time: the
+    same figure as the model's own loss on each window alone."""
+    model = tiny_model("llama", seed=3)
+    text = "The capital of France is Paris and the capital of Italy is Rome"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) % 5 not in (0, 1)  # a short last window that still has a target
+    total = count = 0
+    with torch.no_grad():
+        for begin in range(0, len(ids), 5):
+            window = torch.tensor([ids[begin : begin + 5]])
+            n = window.shape[1] - 1
+            total += model(input_ids=window, labels=window).loss.item() * n
+            count += n
+    found = perplexity(model, find_parts(model), tokenizer, text, len(ids), window=5, batch_size=2, chunk=3)
+    assert found == pytest.approx(math.exp(total / count), rel=1e-5)
 
 
 def test_an_unedited_model_has_no_shift_and_no_f1_change(tokenizer, tmp_path):

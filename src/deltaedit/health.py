@@ -307,19 +307,27 @@ def generate(model, tokenizer, prompts: Sequence[str], n_tokens: int, batch_size
 
 
 @torch.no_grad()
-def perplexity(model, tokenizer, text: str, n_tokens: int, window: int, batch_size: int = 2) -> float:
-    """exp(mean NLL) of the first ``n_tokens`` tokens of ``text``, scored in non-overlapping windows."""
+def perplexity(
+    model, parts: ModelParts, tokenizer, text: str, n_tokens: int, window: int, batch_size: int = 2, chunk: int = 256
+) -> float:
+    """exp(mean NLL) of the first ``n_tokens`` tokens of ``text``, scored in non-overlapping windows.
+
+    The unembedding runs on ``chunk`` positions at a time: a window's logits over the whole vocabulary
+    (and their log-softmax) would be the largest allocation of a health checkpoint."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"][:n_tokens]
     windows = [ids[i : i + window] for i in range(0, len(ids), window) if len(ids[i : i + window]) > 1]
     device = input_device(model)
     total, count = 0.0, 0
     for begin in range(0, len(windows), batch_size):
-        chunk = windows[begin : begin + batch_size]
-        batch = pad(chunk, pad_id(tokenizer), device)
-        logits = model(**batch.inputs(), use_cache=False).logits[:, :-1].float()
-        targets = batch.input_ids[:, 1:].masked_fill(batch.attention_mask[:, 1:] == 0, -100)
-        total += float(torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="sum"))
-        count += int((targets != -100).sum())
+        batch = pad(windows[begin : begin + batch_size], pad_id(tokenizer), device)
+        hidden = model.base_model(**batch.inputs(), use_cache=False).last_hidden_state[:, :-1]
+        rows, cols = torch.nonzero(batch.attention_mask[:, 1:], as_tuple=True)
+        targets = batch.input_ids[:, 1:][rows, cols]
+        for start in range(0, len(rows), chunk):
+            part = slice(start, start + chunk)
+            logits = final_logits(model, parts, hidden[rows[part], cols[part]]).float()
+            total += float(torch.nn.functional.cross_entropy(logits, targets[part], reduction="sum"))
+        count += len(rows)
     return math.exp(total / max(count, 1))
 
 
@@ -386,7 +394,7 @@ class HealthProbe:
         return {
             "general": self.general(model, parts),
             "generations": dict(zip(prompts, generations, strict=True)),
-            "perplexity": perplexity(model, self.tokenizer, self.wikitext, s.ppl_tokens, s.ppl_window),
+            "perplexity": perplexity(model, parts, self.tokenizer, self.wikitext, s.ppl_tokens, s.ppl_window),
             "states": hidden_states(model, self.tokenizer, self.known_prompts, self.layers, s.batch_size),
         }
 
