@@ -331,11 +331,14 @@ def test_a_run_logs_to_tensorboard(assets, tmp_path):
 
 
 def test_a_run_logs_to_wandb_offline(assets, tmp_path, monkeypatch):
-    pytest.importorskip("wandb")
+    wandb = pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     out = tmp_path / "run"
     assert main([*run_args(assets, out, 2, checkpoints="2"), "--tracker", "wandb"]) == 0
+    # W&B's service process writes its record in the background and completes it when it shuts down, which
+    # for the command line is the process's exit; here, inside pytest, shut it down as that exit would
+    wandb.teardown()
     runs = list((out / "wandb").glob("offline-run-*"))
     (record,) = runs[0].glob("*.wandb")  # W&B's own record of the run (protobuf): the logged keys are in it
     data = record.read_bytes()

@@ -2,8 +2,9 @@
 
 Optional extras (``pip install deltaedit[tensorboard]`` / ``deltaedit[wandb]``). TensorBoard writes event files
 under ``RUN/tensorboard``; W&B logs into ``RUN/wandb`` under a run id derived from the run directory, so a
-``--resume`` continues the same W&B run (``WANDB_MODE=offline`` keeps it on disk). Edits are logged at step =
-number of edits so far, checkpoints at their number of edits.
+``--resume`` continues the same W&B run (``WANDB_MODE=offline`` keeps it on disk; W&B's service completes
+those files when it shuts down: at the process's exit, or ``wandb.teardown()`` in a longer-lived process).
+Edits are logged at step = number of edits so far, checkpoints at their number of edits.
 """
 
 from __future__ import annotations
