@@ -291,19 +291,31 @@ def _embedded_package_dir() -> str:
     return spec.submodule_search_locations[0]
 
 
+def model_source(name_or_path: str) -> str:
+    """Where a model is read from: the embedded alias's converted directory, else the hub id or local
+    directory as given (a local one checked to be a model directory)."""
+    source = str(embedded_model_dir(name_or_path)) if name_or_path in EMBEDDED_ALIASES else name_or_path
+    check_model_source(source)
+    return source
+
+
+def with_pad_token(tokenizer):
+    """Batches are padded: a tokenizer without a pad token pads with its end-of-sequence token."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def load_tokenizer(name_or_path: str):
     """The tokenizer of a hub id, local directory or embedded alias (the pad token set as load_model sets it)."""
     from transformers import AutoTokenizer
 
-    source = str(embedded_model_dir(name_or_path)) if name_or_path in EMBEDDED_ALIASES else name_or_path
-    check_model_source(source)
+    source = model_source(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as error:
         raise ModelLoadError(f"could not load the tokenizer of {name_or_path!r}: {error}") from error
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+    return with_pad_token(tokenizer)
 
 
 def load_model(
@@ -321,8 +333,7 @@ def load_model(
 
     torch_dtype = _parse_dtype(dtype)
     target_device = check_device(device) if device is not None else None
-    source = str(embedded_model_dir(name_or_path)) if name_or_path in EMBEDDED_ALIASES else name_or_path
-    check_model_source(source)
+    source = model_source(name_or_path)
     kwargs = {"dtype": torch_dtype} if torch_dtype is not None else {}
     if device_map is not None:
         kwargs["device_map"] = device_map
@@ -338,9 +349,7 @@ def load_model(
     if device_map is None:
         model.to(target_device if target_device is not None else default_device())
     model.eval()
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+    return model, with_pad_token(tokenizer)
 
 
 def check_device(device: str | torch.device) -> torch.device:
