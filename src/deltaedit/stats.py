@@ -155,8 +155,13 @@ def second_moments(
 
 
 def _write(path: Path, moment: torch.Tensor, metadata: dict[str, str]) -> None:
+    _save_atomic(path, {"second_moment": moment.detach().cpu().contiguous()}, metadata)
+
+
+def _save_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """A safetensors file written under a temporary name and renamed into place: never seen half-written."""
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file({"second_moment": moment.detach().cpu().contiguous()}, str(tmp), metadata=metadata)
+    save_file(tensors, str(tmp), metadata=metadata)
     os.replace(tmp, path)
 
 
@@ -223,9 +228,7 @@ def _compute(model, parts, tokenizer, layers, corpus, n_samples, max_length, see
         if batch_index % SAVE_EVERY == 0 and done < len(texts):
             state = {f"sum.{i}": s.cpu().contiguous() for i, s in sums.items()}
             state["progress"] = torch.tensor([tokens, done], dtype=torch.int64)
-            tmp = partial.with_name(partial.name + ".tmp")
-            save_file(state, str(tmp))
-            os.replace(tmp, partial)
+            _save_atomic(partial, state)
     bar.close()
     return {i: (sums[i] / max(tokens, 1), tokens) for i in layers}
 
@@ -259,7 +262,7 @@ def export_bundle(entries: Sequence[StatsEntry], out: str | os.PathLike) -> Path
         described.append(entry.metadata())
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out), metadata={"format": BUNDLE_FORMAT, "entries": json.dumps(described)})
+    _save_atomic(out, tensors, {"format": BUNDLE_FORMAT, "entries": json.dumps(described)})
     return out
 
 
