@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from .methods import METHODS
+from .tracking import TRACKERS
 
 log = logging.getLogger("deltaedit")
 
@@ -85,22 +86,21 @@ def _common(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _int_list(text: str) -> list[int]:
+def _whole_numbers(text: str, example: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"expected whole numbers separated by commas, e.g. 3,4,5; got {text!r}"
+            f"expected whole numbers separated by commas, e.g. {example}; got {text!r}"
         ) from None
+
+
+def _int_list(text: str) -> list[int]:
+    return _whole_numbers(text, "3,4,5")
 
 
 def _checkpoint_list(text: str) -> tuple[int, ...]:
-    try:
-        points = tuple(int(c) for c in text.split(",") if c.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected whole numbers separated by commas, e.g. 50,100,200; got {text!r}"
-        ) from None
+    points = tuple(_whole_numbers(text, "50,100,200"))
     if not points or min(points) < 1:
         raise argparse.ArgumentTypeError(f"expected edit counts of at least 1, e.g. 50,100,200; got {text!r}")
     return points
@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--health-known", type=_positive_int, help="factual prompts for the representations (1000)")
     run.add_argument(
         "--tracker",
-        choices=("tensorboard", "wandb"),
+        choices=TRACKERS,
         help="log per-edit figures and checkpoint metrics (needs deltaedit[tensorboard] or deltaedit[wandb])",
     )
     run.add_argument(
@@ -205,10 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     compute.add_argument("--samples", type=_positive_int, help="texts read (default: the model's default, 2000)")
     compute.add_argument("--max-length", type=_positive_int, help="tokens per text (default 128)")
     compute.add_argument("--batch-size", type=_positive_int, default=16, help="texts per forward pass (memory)")
-    for verb in (compute,):
-        _runtime(verb)
-        verb.add_argument("--dtype", help="float32, float16 or bfloat16: statistics are kept per dtype")
-        verb.add_argument("--threads", type=_positive_int, help="CPU threads for torch")
+    _runtime(compute)
+    compute.add_argument("--dtype", help="float32, float16 or bfloat16: statistics are kept per dtype")
+    compute.add_argument("--threads", type=_positive_int, help="CPU threads for torch")
     listing = verbs.add_parser("list", help="list the cached key statistics")
     listing.add_argument("--model", help="only this model's (loads it to read its fingerprint)")
     listing.add_argument("--quiet", action="store_true")
