@@ -466,28 +466,25 @@ def _run_locked(run_dir, spec, ledger, loaded, records, kind, handled, resume, p
     try:
         if edited:
             checkpoint()  # a kill between the last edit and its checkpoint
-        bar = tqdm(
+        with tqdm(
             total=len(records),
             initial=len(records) - len(pending),
             desc=f"{spec.method} on {spec.dataset}",
             unit="edit",
             disable=not progress,
-        )
-        for record in pending:
-            try:
+        ) as bar:  # closed on an error too
+            for record in pending:
                 results = editor.edit([record], on_error=spec.on_error)
-            finally:
                 bar.update(1)
-            if results:
-                edited.append(record)
-                result = results[0]
-                spent += result.seconds
-                figures = {"target_prob": result.target_prob, "steps": result.steps, "success": result.success}
-                figures.update(seconds=result.seconds, triggered=result.triggered, **result.metrics)
-                tracker.log_edit(len(edited), figures)
-                bar.set_postfix(ok=f"{result.success}", p=f"{result.target_prob:.2f}")
-                checkpoint()
-        bar.close()
+                if results:
+                    edited.append(record)
+                    result = results[0]
+                    spent += result.seconds
+                    figures = {"target_prob": result.target_prob, "steps": result.steps, "success": result.success}
+                    figures.update(seconds=result.seconds, triggered=result.triggered, **result.metrics)
+                    tracker.log_edit(len(edited), figures)
+                    bar.set_postfix(ok=f"{result.success}", p=f"{result.target_prob:.2f}")
+                    checkpoint()
         if len(edited) not in schedule:  # every record rejected after the last checkpoint: still end with one
             schedule.add(len(edited))
             checkpoint()
