@@ -47,6 +47,11 @@ VARIANTS: dict[str, tuple[str, str | None, list[str]]] = {
     "de-targeted-always": ("deltaedit", "paper", ["constraint=targeted", "trigger=always"]),
     "de-published": ("deltaedit", "paper", PUBLISHED),
     "ae-kl-last": ("alphaedit", None, ["kl_position=last"]),
+    # levers that make an edit cheaper and may change its result (run with --n-edits 100, read with --at 100)
+    "fast-lr1": ("deltaedit", None, ["lr=1.0"]),
+    "fast-stop90": ("deltaedit", None, ["stop_prob=0.9"]),
+    "fast-ctx2": ("deltaedit", None, ["n_contexts=2"]),
+    "fast-lr1-ctx2": ("deltaedit", None, ["lr=1.0", "n_contexts=2"]),
 }
 
 
@@ -83,7 +88,7 @@ def run_one(name: str, out: Path, args: argparse.Namespace) -> str:
     return f"{name}: exit {code} after {(time.time() - started) / 60:.0f} min"
 
 
-def held_against(run_dir: Path, reference: Path) -> str:
+def held_against(run_dir: Path, reference: Path, at: int | None = None) -> str:
     """Edits (efficacy, top) that hold in only one of the two runs at the same length, and the exact two-sided
     sign test of that split (McNemar's): how likely a split this uneven is if both hold as often."""
     from scipy.stats import binomtest
@@ -92,7 +97,7 @@ def held_against(run_dir: Path, reference: Path) -> str:
     if run_dir == reference or not all(p.is_file() for p in paths):
         return ""
     mine, theirs = (json.loads(p.read_text()) for p in paths)
-    if mine["n_edits"] != theirs["n_edits"]:
+    if mine["n_edits"] != theirs["n_edits"] or at not in (None, mine["n_edits"]):
         return ""
     holds = {r["case_id"]: r["efficacy_top"] >= 1 for r in theirs["records"]}
     only_mine = sum(r["efficacy_top"] >= 1 and not holds[r["case_id"]] for r in mine["records"])
@@ -103,20 +108,37 @@ def held_against(run_dir: Path, reference: Path) -> str:
     return f"{only_mine} / {only_theirs} (p {p:.2f})"
 
 
-def row(name: str, run_dir: Path) -> str | None:
+def edit_costs(run_dir: Path, n_edits: int) -> tuple[str, str]:
+    """Mean optimizer steps and median seconds of the first ``n_edits`` edits, from the run's ledger: what a
+    cheaper-edit lever saves, apart from the evaluation that a checkpoint's time includes."""
+    results = []
+    with open(run_dir / "index.jsonl") as index:
+        for line in index:
+            entry = json.loads(line)
+            if entry.get("kind") == "edit" and len(results) < n_edits:
+                results.append(entry["result"])
+    if not results:
+        return "", ""
+    seconds = sorted(r["seconds"] for r in results)
+    return f"{sum(r['steps'] for r in results) / len(results):.1f}", f"{seconds[len(seconds) // 2]:.2f}"
+
+
+def row(name: str, run_dir: Path, at: int | None = None) -> str | None:
     path = run_dir / "metrics.json"
     if not path.is_file():
         return None
-    document = json.loads(path.read_text())
-    if not document["checkpoints"]:
+    checkpoints = json.loads(path.read_text())["checkpoints"]
+    if at is not None:
+        checkpoints = [c for c in checkpoints if c["n_edits"] == at]
+    if not checkpoints:
         return None
-    last = document["checkpoints"][-1]
+    last = checkpoints[-1]
     cf, stream, diag = last["metrics"]["counterfact"], last["metrics"].get("stream", {}), last["diagnostics"]
 
     def pct(value):
         return "" if value is None else f"{100 * value:.1f}"
 
-    seconds = last["seconds"] / max(last["n_edits"], 1)
+    steps, median_seconds = edit_costs(run_dir, last["n_edits"])
     cells = [
         name,
         str(last["n_edits"]),
@@ -130,19 +152,20 @@ def row(name: str, run_dir: Path) -> str | None:
         "" if diag.get("noise_E") is None else f"{diag['noise_E']:.0f}",
         pct(diag.get("triggered_share")),
         "" if diag.get("removed_rank_mean") is None else f"{diag['removed_rank_mean']:.0f}",
-        f"{seconds:.1f}",
-        held_against(run_dir, run_dir.parent / REFERENCE),
+        steps,
+        median_seconds,
+        held_against(run_dir, run_dir.parent / REFERENCE, at),
     ]
     return "| " + " | ".join(cells) + " |"
 
 
-def table(out: Path, names: list[str]) -> str:
+def table(out: Path, names: list[str], at: int | None = None) -> str:
     head = (
         "| variant | edits | Eff. top | Gen. top | Spe. top | Eff. larger | held when made | still held "
-        "| eroded | noise_E | triggered | dirs removed | s/edit | held only here / only in ae |"
+        "| eroded | noise_E | triggered | dirs removed | steps/edit | s/edit (median) | held only here / only in ae |"
     )
     lines = [head, "|---|" + "---:|" * (head.count("|") - 2)]
-    lines += [r for r in (row(n, out / n) for n in names) if r]
+    lines += [r for r in (row(n, out / n, at) for n in names) if r]
     return "\n".join(lines)
 
 
@@ -155,6 +178,7 @@ def main() -> None:
     parser.add_argument("--checkpoints", default="50,100,200,300,400,500")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--table", action="store_true", help="only print the table of what is there")
+    parser.add_argument("--at", type=int, help="table at this checkpoint (default: each run's last)")
     args = parser.parse_args()
     names = args.variants or list(VARIANTS)
     unknown = [n for n in names if n not in VARIANTS]
@@ -165,7 +189,7 @@ def main() -> None:
         with ThreadPoolExecutor(args.jobs) as pool:
             for message in pool.map(lambda n: run_one(n, out, args), names):
                 print(message, flush=True)
-    print(table(out, names))
+    print(table(out, names, args.at))
 
 
 if __name__ == "__main__":
