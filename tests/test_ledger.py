@@ -8,6 +8,7 @@ is exercised by every replay.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -462,6 +463,27 @@ def test_a_ledger_is_only_continued_on_its_own_terms(tokenizer, corpus_file, tmp
     assert same_params(other, before)
     with pytest.raises(LedgerError, match="not a ledger directory"):
         Editor.resume(tmp_path / "nowhere", new_model(), tokenizer)
+
+
+def test_a_ledger_from_a_version_with_fewer_options_resumes(tokenizer, corpus_file, tmp_path):
+    """A manifest written before an option existed lacks it, and its fingerprint hashes the options it had:
+    the run resumes (the option is at its default, the earlier behaviour); a config that sets it does not."""
+    run = tmp_path / "run"
+    editor = make_editor(tokenizer, corpus_file, ledger=run)
+    editor.edit(REQUESTS[:2])
+    editor.close()
+    manifest = json.loads((run / "manifest.json").read_text())
+    older = {name: value for name, value in manifest["config"].items() if name not in ("sparsify", "neighbors_by")}
+    manifest["config"] = older
+    manifest["config_fingerprint"] = hashlib.sha256(json.dumps(older, sort_keys=True).encode()).hexdigest()[:12]
+    (run / "manifest.json").write_text(json.dumps(manifest))
+
+    resumed = Editor.resume(run, new_model(), tokenizer, progress=False)
+    assert same_params(resumed.model, params(editor.model))
+    assert resumed.edit(REQUESTS[2])[0].edit_id == 2
+    resumed.close()
+    with pytest.raises(LedgerError, match="records method 'deltaedit' with config"):
+        make_editor(tokenizer, corpus_file, ledger=run, sparsify=0.5)
 
 
 # --- export and import --------------------------------------------------------------------------------

@@ -572,9 +572,8 @@ class Editor:
         self.ledger = ledger
 
     def _check_manifest(self, manifest: dict[str, Any], source) -> None:
-        if (
-            manifest.get("method") != self.method.name
-            or manifest.get("config_fingerprint") != self.config.fingerprint()
+        if manifest.get("method") != self.method.name or not self.config.matches(
+            manifest.get("config") or {}, manifest.get("config_fingerprint")
         ):
             raise LedgerError(
                 f"records method {manifest.get('method')!r} with config {manifest.get('config_fingerprint')}, but this "

@@ -20,13 +20,19 @@ import dataclasses
 import hashlib
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 
 from ..updates import SparseUpdate, Update, summed
+
+
+def _default(option: dataclasses.Field) -> Any:
+    if option.default_factory is not dataclasses.MISSING:
+        return option.default_factory()
+    return option.default  # MISSING for a required option, which is never equal to a value
 
 
 @dataclass
@@ -74,8 +80,27 @@ class MethodConfig:
         data["layers"] = list(self.layers)
         return data
 
-    def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+    def fingerprint(self, options: Collection[str] | None = None) -> str:
+        """A short hash of the option values (of ``options`` only, when given)."""
+        data = self.to_dict()
+        if options is not None:
+            data = {name: data[name] for name in options if name in data}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
+
+    def matches(self, recorded: Mapping[str, Any], fingerprint: str | None) -> bool:
+        """Whether this config is the one a manifest recorded as ``recorded`` (its options) and ``fingerprint``.
+
+        Why: a ledger written by an earlier version lacks the options added since, and its fingerprint
+        hashes only the options it knew. It is the same config when those options hash to that
+        fingerprint and every option added since is at its default (which keeps the earlier behaviour).
+        """
+        options = dataclasses.fields(self)
+        if set(recorded) - {f.name for f in options}:
+            return False
+        for option in options:
+            if option.name not in recorded and getattr(self, option.name) != _default(option):
+                return False
+        return self.fingerprint(recorded) == fingerprint
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MethodConfig:
