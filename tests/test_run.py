@@ -299,6 +299,33 @@ def test_resume_of_a_finished_run_does_nothing(finished, assets, tmp_path):
     assert (out / "metrics.json").read_bytes() == metrics_bytes
 
 
+def test_a_resume_extends_a_run_to_more_edits(finished, assets, tmp_path, capsys):
+    """A 4-edit run continued to 6 is the 6-edit run: the same edits, weights, checkpoints and run record."""
+    out = tmp_path / "run"
+    run(out, make_spec(assets, n_edits=4), progress=False)
+    with pytest.raises(RunError, match="can extend it, not shorten it"):
+        run(out, resume=True, n_edits=3, progress=False)
+    assert main(["run", "--out", str(out), "--resume", "--method", "alphaedit", "--seed", "1"]) == 2
+    assert "drop --method, --seed" in capsys.readouterr().err
+    assert json.loads((out / "run.json").read_text())["n_edits"] == 4 and kinds(out) == ["edit"] * 4
+
+    assert main(["run", "--out", str(out), "--resume", "--n-edits", "6", "--quiet"]) == 0
+    assert json.loads((out / "run.json").read_text()) == json.loads((finished.dir / "run.json").read_text())
+    assert_same_metrics(metrics(out), metrics(finished.dir))
+    assert edit_cases(out) == edit_cases(finished.dir)
+    assert same_params(resumed(out, assets).model, resumed(finished.dir, assets).model)
+
+
+def test_a_health_run_is_extended_only_past_the_records_its_baseline_read(finished, tmp_path):
+    """Its unedited generations are those of its first 40 records: a 6-edit --health run would need others."""
+    out = copy_run(finished.dir, tmp_path)
+    spec = json.loads((out / "run.json").read_text())
+    (out / "run.json").write_text(json.dumps({**spec, "health": True}))
+    with pytest.raises(RunError, match="extended only from 40 edits on"):
+        run(out, resume=True, n_edits=8, progress=False)
+    assert kinds(out) == ["edit"] * 6
+
+
 def test_resume_after_a_kill_between_an_edit_and_its_checkpoint(finished, assets, tmp_path):
     """The ledger holds 4 edits but metrics.json only checkpoint 2: the state a kill leaves when it lands after
     edit 4's index line and before checkpoint 4 was written. The resume evaluates checkpoint 4 on the spot,

@@ -134,7 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="edit a dataset's records one after another into a run directory")
     _common(run)
     run.add_argument("--dataset", default="counterfact", help="counterfact, zsre, ... or a .json/.jsonl/.csv file")
-    run.add_argument("--n-edits", type=int, default=100, help="edit the first N records")
+    run.add_argument(
+        "--n-edits",
+        type=_positive_int,
+        help="edit the first N records (default 100); with --resume, extend the run to N",
+    )
     run.add_argument("--out", required=True, help="run directory (the ledger, metrics.json, baseline.json)")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument(
@@ -373,17 +377,24 @@ def cmd_demo(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from .run import RunSpec, run
+    from .run import RunError, RunSpec, run
 
     _quiet_transformers(args.quiet)
     spec = None
-    if not args.resume:
+    if args.resume:
+        fixed = _options_fixed_by_the_run(args)
+        if fixed:
+            raise RunError(
+                f"--resume continues the run as its run.json describes it: drop {', '.join(fixed)} "
+                "(--n-edits N extends the run to N records)"
+            )
+    else:
         checkpoints = RunSpec.checkpoints if args.checkpoints is None else args.checkpoints
         spec = RunSpec(
             model=args.model,
             method=args.method,
             dataset=args.dataset,
-            n_edits=args.n_edits,
+            n_edits=RunSpec.n_edits if args.n_edits is None else args.n_edits,
             overrides=_overrides(args),
             preset=args.preset,
             health=args.health,
@@ -402,7 +413,16 @@ def cmd_run(args) -> int:
             dtype=args.dtype,
         )
     torch_seed(args.seed)
-    document = run(args.out, spec, data_dir=args.data, resume=args.resume, force=args.force, progress=not args.quiet)
+    extend = args.n_edits if args.resume else None
+    document = run(
+        args.out,
+        spec,
+        data_dir=args.data,
+        resume=args.resume,
+        force=args.force,
+        progress=not args.quiet,
+        n_edits=extend,
+    )
     last = document["checkpoints"][-1] if document["checkpoints"] else None
     if last:
         for kind, values in last["metrics"].items():
@@ -410,6 +430,18 @@ def cmd_run(args) -> int:
             print(f"{kind} after {last['n_edits']} edits: {shown}")
     print(f"run written to {args.out}")
     return 0
+
+
+# what run.json fixes for a run: given with --resume, they would be silently ignored
+_RUN_OPTIONS = (
+    "model", "method", "preset", "config", "set", "device", "dtype", "dataset", "seed", "on_error", "checkpoints",
+    "eval_batch_size", "health", "health_examples", "health_known", "tracker", "chat", "force",
+)  # fmt: skip
+
+
+def _options_fixed_by_the_run(args) -> list[str]:
+    defaults = build_parser().parse_args(["run", "--out", args.out])
+    return ["--" + name.replace("_", "-") for name in _RUN_OPTIONS if getattr(args, name) != getattr(defaults, name)]
 
 
 def torch_seed(seed: int) -> None:

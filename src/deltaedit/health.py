@@ -112,6 +112,12 @@ class HealthSettings:
     seed: int = 0
     batch_size: int = 16
 
+    @property
+    def baseline_records(self) -> int:
+        """How many of the stream's first records the unedited figures read: the edited prompts continued at
+        a checkpoint are the first ``fluency_prompts`` that were edited, so twice that leaves room for rejected ones."""
+        return 2 * self.fluency_prompts
+
 
 # ---------------------------------------------------------------------------------------------- pure parts
 
@@ -444,7 +450,7 @@ class HealthProbe:
 
     def baseline(self, model, parts, records: Sequence[EditRecord]) -> dict[str, Any]:
         """``measure`` on the unedited model, with the RBF bandwidth of each layer's cloud."""
-        base = self.measure(model, parts, records, 2 * self.settings.fluency_prompts)  # room for rejected records
+        base = self.measure(model, parts, records, self.settings.baseline_records)
         base["bandwidths"] = {layer: median_distance(base["states"][layer].numpy()) for layer in self.layers}
         return base
 

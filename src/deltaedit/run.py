@@ -244,6 +244,12 @@ OWN_FILES = (
 OWN_FOLDERS = (Ledger.EDITS, "tensorboard", "wandb")
 
 
+def _health_records(spec: RunSpec) -> int:
+    from .health import HealthSettings
+
+    return HealthSettings(**spec.health_options).baseline_records
+
+
 def _health(spec: RunSpec, run_dir: Path, editor: Editor, records: list[EditRecord]):
     """The health probe of a run and the unedited model's figures: measured once, before the first edit, and kept
     in the run directory (health_baseline.json, representations.safetensors)."""
@@ -318,19 +324,38 @@ def run(
     force: bool = False,
     progress: bool = True,
     model_and_tokenizer: tuple[Any, Any] | None = None,
+    n_edits: int | None = None,
 ) -> dict[str, Any]:
     """Run (or with ``resume`` continue) an experiment into ``run_dir``; returns the metrics.json document.
 
-    ``model_and_tokenizer`` lets a caller pass an already loaded, *unedited* base model.
+    ``model_and_tokenizer`` lets a caller pass an already loaded, *unedited* base model. ``n_edits`` with
+    ``resume`` extends the run to that many records (at least its own): the stream's first records are the
+    ones already edited, so the longer run is the one that would have been started with it.
     """
 
     run_dir = Path(run_dir)
     if not resume and spec is None:
         raise RunError("spec: a new run needs a RunSpec")
+    if n_edits is not None and not resume:
+        raise RunError("n_edits: only extends a resumed run; a new run takes it from its RunSpec")
+    extended = False
     if resume:
         stored = RunSpec.load(run_dir)
         if spec is not None and _settings(spec) != _settings(stored):
             raise RunError(f"{run_dir}: --resume continues the run as run.json describes it; drop the other options")
+        if n_edits is not None and n_edits != stored.n_edits:
+            if n_edits < stored.n_edits:
+                raise RunError(
+                    f"n_edits: the run in {run_dir} goes to {stored.n_edits} edits; a resume can extend it, "
+                    f"not shorten it (its checkpoints up to {n_edits} are in metrics.json already)"
+                )
+            read = _health_records(stored)
+            if stored.health and stored.n_edits < read:
+                raise RunError(
+                    f"n_edits: a --health run is extended only from {read} edits on (its unedited generations "
+                    f"are those of its first {read} records); start a new run of {n_edits}"
+                )
+            stored, extended = replace(stored, n_edits=n_edits), True
         given = data_dir if data_dir is not None else spec.data_dir if spec is not None else None
         spec = replace(stored, data_dir=resume_data_dir(run_dir, given))
     else:
@@ -353,6 +378,8 @@ def run(
         handled = _handled(ledger) if ledger_has_entries else []
         if resume:
             _check_stream(handled, records, spec.dataset, run_dir)  # before the model is loaded or anything written
+            if extended:
+                _extend(run_dir, spec, len(records))
         else:
             prepare_directory(run_dir, force)
         document = _run_locked(run_dir, spec, ledger, loaded, records, kind, handled, resume, progress,
@@ -360,6 +387,33 @@ def run(
     finally:
         ledger.close()
     return document
+
+
+def _extend(run_dir: Path, spec: RunSpec, n_records: int) -> None:
+    """Record a resume's longer stream: run.json and metrics.json name the new length before any edit of it."""
+    write_atomic(contained(run_dir, "run.json"), json.dumps(asdict(spec), indent=2).encode())
+    if contained(run_dir, "metrics.json").is_file():
+        document = read_metrics(run_dir)
+        document["run"]["n_edits"] = n_records
+        write_metrics(run_dir, document)
+
+
+def _extend_baseline(run_dir: Path, model, tokenizer, records: list[EditRecord], kind: str, batch_size: int) -> None:
+    """A run extended to more records needs the unedited model's answers for the new ones: computed here, on the
+    base model before the edits are replayed onto it, and added to baseline.json."""
+    path = contained(run_dir, "baseline.json")
+    if not path.is_file():
+        return  # the run's own check says what to do
+    unique = list(dict.fromkeys(records))
+    known = len(json.loads(path.read_text())["entries"])
+    if known >= len(unique):
+        return
+    from .models import find_parts
+
+    base = Baseline.load(path, unique[:known])
+    added = baseline(model, find_parts(model), tokenizer, unique[known:], kind, base.reference, batch_size)
+    base.entries.update(added.entries)
+    base.save(path)
 
 
 def _run_locked(run_dir, spec, ledger, loaded, records, kind, handled, resume, progress, ledger_has_entries,
@@ -378,6 +432,7 @@ def _run_locked(run_dir, spec, ledger, loaded, records, kind, handled, resume, p
         else:
             model, tokenizer = load_model(spec.model, device=spec.device, dtype=spec.dtype)
         if ledger_has_entries:
+            _extend_baseline(run_dir, model, tokenizer, records, kind, spec.eval_batch_size)  # before the replay
             editor = Editor.resume(ledger, model, tokenizer, data_dir=data_dir, progress=progress)
         else:
             editor = Editor(
