@@ -47,11 +47,11 @@ VARIANTS: dict[str, tuple[str, str | None, list[str]]] = {
     "de-targeted-always": ("deltaedit", "paper", ["constraint=targeted", "trigger=always"]),
     "de-published": ("deltaedit", "paper", PUBLISHED),
     "ae-kl-last": ("alphaedit", None, ["kl_position=last"]),
-    # levers that make an edit cheaper and may change its result (run with --n-edits 100, read with --at 100)
-    "fast-lr1": ("deltaedit", None, ["lr=1.0"]),
-    "fast-stop90": ("deltaedit", None, ["stop_prob=0.9"]),
-    "fast-ctx2": ("deltaedit", None, ["n_contexts=2"]),
-    "fast-lr1-ctx2": ("deltaedit", None, ["lr=1.0", "n_contexts=2"]),
+    # levers that make an edit cheaper and may change its result, on de-targeted (--n-edits 100, read --at 100)
+    "fast-lr1": ("deltaedit", "paper", ["constraint=targeted", "lr=1.0"]),
+    "fast-stop90": ("deltaedit", "paper", ["constraint=targeted", "stop_prob=0.9"]),
+    "fast-ctx2": ("deltaedit", "paper", ["constraint=targeted", "n_contexts=2"]),
+    "fast-lr1-ctx2": ("deltaedit", "paper", ["constraint=targeted", "lr=1.0", "n_contexts=2"]),
 }
 
 

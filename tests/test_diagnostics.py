@@ -113,7 +113,7 @@ REQUESTS = [
 def real_editor(tokenizer, corpus, family):
     config = fast_config(corpus, warmup=1, eta=0.0)  # eta 0: trigger the constraint after the first edit
     model = tiny_model(family, n_layers=3, initializer_range=0.2)
-    return Editor(model, tokenizer, method="deltaedit", config=config, progress=False)
+    return Editor(model, tokenizer, method="deltaedit", config=config, preset="paper", progress=False)
 
 
 def spec_noise(editor, layer: int) -> float:

@@ -45,9 +45,12 @@ def new_model(family="llama", model_seed=0):
     return tiny_model(family, seed=model_seed, n_layers=N_LAYERS, initializer_range=0.2)
 
 
-def make_editor(tokenizer, corpus, family="llama", model_seed=0, method="alphaedit", model=None, **changes):
+def make_editor(
+    tokenizer, corpus, family="llama", model_seed=0, method="alphaedit", model=None, preset=None, **changes
+):
     model = model if model is not None else new_model(family, model_seed)
-    return Editor(model, tokenizer, method=method, config=base_config(corpus, **changes), progress=False)
+    config = base_config(corpus, **changes)
+    return Editor(model, tokenizer, method=method, config=config, preset=preset, progress=False)
 
 
 def probs(editor, requests):
@@ -437,7 +440,7 @@ def test_alphaedit_update_spares_the_preserved_keys(tokenizer, corpus_file, monk
 
 
 def test_deltaedit_scores_and_thresholds_follow_the_ema(tokenizer, corpus_file):
-    editor = make_editor(tokenizer, corpus_file, method="deltaedit", eta=2.0, warmup=10, n_contexts=0)
+    editor = make_editor(tokenizer, corpus_file, method="deltaedit", preset="paper", eta=2.0, warmup=10, n_contexts=0)
     critical = LAYERS[-1]
     m = v = 0.0
     for request in REQUESTS[:3]:
@@ -469,7 +472,7 @@ def test_deltaedit_triggered_edit_is_orthogonal_to_the_history(tokenizer, corpus
         return result
 
     monkeypatch.setattr(editor_module, "optimize_target", spy)
-    editor = make_editor(tokenizer, corpus_file, method="deltaedit", eta=0.0, warmup=1, constraint="history")
+    editor = make_editor(tokenizer, corpus_file, method="deltaedit", preset="paper", eta=0.0, warmup=1)
     critical = LAYERS[-1]
     histories = []
     for request in REQUESTS[:3]:

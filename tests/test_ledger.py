@@ -96,7 +96,7 @@ def comparable(result):
 
 def test_manifest_and_edit_entries(tokenizer, corpus_file, tmp_path):
     run = tmp_path / "run"
-    editor = make_editor(tokenizer, corpus_file, ledger=run)
+    editor = make_editor(tokenizer, corpus_file, ledger=run, trigger="always")  # a constraint decision to record
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["format"] == "deltaedit-ledger" and manifest["format_version"] == 2
     assert manifest["method"] == "deltaedit" and manifest["config"] == editor.config.to_dict()

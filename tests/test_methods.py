@@ -27,6 +27,11 @@ from deltaedit.updates import LowRankUpdate
 CPU = torch.device("cpu")
 
 
+def paper(**options) -> DeltaEditConfig:
+    """Algorithm 1's options (the paper preset) with ``options`` on top: the tests of its mechanism."""
+    return DeltaEditConfig(**{**DeltaEdit.presets["paper"], **options})
+
+
 def low_rank_moment(d_ff: int, rank: int, seed: int, n: int = 400) -> tuple[torch.Tensor, torch.Tensor]:
     """C0 = E[k k^T] of keys that all lie in a ``rank``-dim subspace, and an orthonormal basis of it."""
     g = torch.Generator().manual_seed(seed)
@@ -148,7 +153,7 @@ def test_alphaedit_state_dict_round_trip():
 def test_threshold_tracker_follows_algorithm_1_by_hand():
     """eta 2, delta 0.9, warm-up 3; m and v start at 0 and follow
     m <- d m + (1-d) s;  v <- d v + (1-d) (s - m_new)^2;  t = m + eta sqrt(v)  (DESIGN §4, paper eq. 22-24)."""
-    tracker = ThresholdTracker(DeltaEditConfig(layers=(0,), eta=2.0, ema_delta=0.9, warmup=3))
+    tracker = ThresholdTracker(paper(layers=(0,), eta=2.0, ema_delta=0.9, warmup=3))
     assert (tracker.mean, tracker.var, tracker.threshold) == (0.0, 0.0, 0.0)
 
     # Warm-up: even huge scores never trigger, and they all move the statistics.
@@ -183,14 +188,14 @@ def test_threshold_tracker_follows_algorithm_1_by_hand():
 
 
 def test_threshold_is_strict_at_equality():
-    tracker = ThresholdTracker(DeltaEditConfig(layers=(0,), eta=2.0, warmup=0))
+    tracker = ThresholdTracker(paper(layers=(0,), eta=2.0, warmup=0))
     tracker.mean, tracker.var = 1.0, 0.25  # t = 1 + 2 * 0.5 = 2 exactly
     assert tracker.decide(2.0) == (False, 2.0)
     assert tracker.decide(2.0000001)[0] is True
 
 
 def test_threshold_tracker_research_code_ema_start():
-    tracker = ThresholdTracker(DeltaEditConfig(layers=(0,), ema_init="first", ema_delta=0.5))
+    tracker = ThresholdTracker(paper(layers=(0,), ema_init="first", ema_delta=0.5))
     tracker.record(4.0, False)  # starts at the first value, variance 0
     assert (tracker.mean, tracker.var) == (4.0, 0.0)
     tracker.record(2.0, False)  # m = 2 + 1 = 3, v = 0 + 0.5 * (2 - 3)^2 = 0.5
@@ -205,7 +210,7 @@ def test_threshold_tracker_research_code_ema_start():
     warmup=st.integers(min_value=0, max_value=6),
 )
 def test_threshold_tracker_matches_a_reference_recursion(scores, eta, delta, warmup):
-    tracker = ThresholdTracker(DeltaEditConfig(layers=(0,), eta=eta, ema_delta=delta, warmup=warmup))
+    tracker = ThresholdTracker(paper(layers=(0,), eta=eta, ema_delta=delta, warmup=warmup))
     m = v = 0.0
     for e, s in enumerate(scores):
         want = e >= warmup and s > m + eta * math.sqrt(v)
@@ -228,8 +233,8 @@ def test_threshold_tracker_matches_a_reference_recursion(scores, eta, delta, war
 
 
 def make_deltaedit(d_model: int = 12, d_ff: int = 20, **options) -> DeltaEdit:
-    """A DeltaEdit on random statistics; the paper's constraint (Delta_hist's column space) unless asked."""
-    config = DeltaEditConfig(layers=(0, 1), **{"constraint": "history", **options})
+    """A DeltaEdit on random statistics, with the paper's options unless asked."""
+    config = paper(layers=(0, 1), **options)
     method = DeltaEdit(config)
     moments = {0: low_rank_moment(d_ff, 4, seed=20)[0], 1: low_rank_moment(d_ff, 4, seed=21)[0]}
     method.build(moments, {0: CPU, 1: CPU}, d_model)
@@ -331,12 +336,12 @@ def test_deltaedit_state_dict_and_revert():
 
 def test_ema_init_first_starts_from_the_first_non_empty_history():
     """Edit 0's score is 0 (Delta_hist is still empty); "first" must start the EMA at the next score, not at 0."""
-    tracker = ThresholdTracker(DeltaEditConfig(layers=(0,), ema_init="first", ema_delta=0.5))
+    tracker = ThresholdTracker(paper(layers=(0,), ema_init="first", ema_delta=0.5))
     tracker.record(0.0, False, history_empty=True)
     assert (tracker.mean, tracker.var, tracker.updates, tracker.seen) == (0.0, 0.0, 0, 1)
     tracker.record(4.0, False, history_empty=False)
     assert (tracker.mean, tracker.var) == (4.0, 0.0)
-    zero = ThresholdTracker(DeltaEditConfig(layers=(0,), ema_init="zero", ema_delta=0.5))
+    zero = ThresholdTracker(paper(layers=(0,), ema_init="zero", ema_delta=0.5))
     zero.record(0.0, False, history_empty=True)
     zero.record(4.0, False, history_empty=False)
     assert zero.mean == 2.0  # the paper's EMA from 0 folds both
@@ -355,7 +360,7 @@ def test_deltaedit_first_edit_decision_says_the_history_was_empty():
 
 
 def test_two_sided_test_triggers_below_the_mean_and_only_once_the_variance_is_positive():
-    config = DeltaEditConfig(layers=(0,), eta=1.0, warmup=0, two_sided=True)
+    config = paper(layers=(0,), eta=1.0, warmup=0, two_sided=True)
     tracker = ThresholdTracker(config)
     tracker.mean, tracker.var = 10.0, 0.0
     assert tracker.decide(1000.0)[0] is False  # v == 0: never
@@ -373,7 +378,7 @@ def test_clipped_ema_update_cannot_lock_in():
     scores = [float(e) ** 2 for e in range(1, 200)]
     shares = {}
     for update in ("untriggered", "clipped"):
-        tracker = ThresholdTracker(DeltaEditConfig(layers=(0,), eta=3.0, warmup=5, ema_update=update))
+        tracker = ThresholdTracker(paper(layers=(0,), eta=3.0, warmup=5, ema_update=update))
         fired = []
         for s in scores:
             triggered, _ = tracker.decide(s)
@@ -382,19 +387,19 @@ def test_clipped_ema_update_cannot_lock_in():
         shares[update] = sum(fired[100:]) / len(fired[100:])
     assert shares["untriggered"] == 1.0
     assert shares["clipped"] < 1.0
-    tracker = ThresholdTracker(DeltaEditConfig(layers=(0,), ema_update="clipped", ema_delta=0.5, warmup=0))
+    tracker = ThresholdTracker(paper(layers=(0,), ema_update="clipped", ema_delta=0.5, warmup=0))
     tracker.mean, tracker.var = 1.0, 0.0  # threshold 1
     tracker.record(100.0, True)
     assert tracker.mean == pytest.approx(1.0)  # folded min(100, 1)
 
 
 def test_trigger_always_and_never():
-    always = ThresholdTracker(DeltaEditConfig(layers=(0,), trigger="always", warmup=1))
+    always = ThresholdTracker(paper(layers=(0,), trigger="always", warmup=1))
     assert always.decide(5.0) == (False, 0.0)  # warm-up
     always.record(5.0, False)
     assert always.decide(0.0, history_empty=False)[0] is True
     assert always.decide(3.0, history_empty=True)[0] is False
-    never = ThresholdTracker(DeltaEditConfig(layers=(0,), trigger="never", warmup=0))
+    never = ThresholdTracker(paper(layers=(0,), trigger="never", warmup=0))
     assert never.decide(1e9)[0] is False
 
 
