@@ -52,6 +52,7 @@ VARIANTS: dict[str, tuple[str, str | None, list[str]]] = {
     "fast-stop90": ("deltaedit", "paper", ["constraint=targeted", "stop_prob=0.9"]),
     "fast-ctx2": ("deltaedit", "paper", ["constraint=targeted", "n_contexts=2"]),
     "fast-lr1-ctx2": ("deltaedit", "paper", ["constraint=targeted", "lr=1.0", "n_contexts=2"]),
+    "ae-lr1": ("alphaedit", None, ["lr=1.0"]),  # the learning rate on AlphaEdit too: a lever of both methods
 }
 
 
