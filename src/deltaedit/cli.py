@@ -257,14 +257,12 @@ def _quiet_transformers(quiet: bool) -> None:
 
 
 def _load(args):
-    import torch
 
     from .editor import Editor
     from .models import load_model
 
     _quiet_transformers(args.quiet)
     overrides = _overrides(args)  # before loading the model: a typo in --set fails at once
-    torch.manual_seed(0)
     started = time.perf_counter()
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
     log.info("loaded %s in %.1f s on %s", args.model, time.perf_counter() - started, model.device)
@@ -412,7 +410,6 @@ def cmd_run(args) -> int:
             device=args.device,
             dtype=args.dtype,
         )
-    torch_seed(args.seed)
     extend = args.n_edits if args.resume else None
     document = run(
         args.out,
@@ -442,12 +439,6 @@ _RUN_OPTIONS = (
 def _options_fixed_by_the_run(args) -> list[str]:
     defaults = build_parser().parse_args(["run", "--out", args.out])
     return ["--" + name.replace("_", "-") for name in _RUN_OPTIONS if getattr(args, name) != getattr(defaults, name)]
-
-
-def torch_seed(seed: int) -> None:
-    import torch
-
-    torch.manual_seed(seed)
 
 
 def cmd_log(args) -> int:
