@@ -116,8 +116,10 @@ def edit_costs(run_dir: Path, n_edits: int) -> tuple[str, str]:
     with open(run_dir / "index.jsonl") as index:
         for line in index:
             entry = json.loads(line)
-            if entry.get("kind") == "edit" and len(results) < n_edits:
+            if entry.get("kind") == "edit":
                 results.append(entry["result"])
+                if len(results) == n_edits:
+                    break
     if not results:
         return "", ""
     seconds = sorted(r["seconds"] for r in results)

@@ -257,7 +257,6 @@ def _quiet_transformers(quiet: bool) -> None:
 
 
 def _load(args):
-
     from .editor import Editor
     from .models import load_model
 
@@ -429,16 +428,15 @@ def cmd_run(args) -> int:
     return 0
 
 
-# what run.json fixes for a run: given with --resume, they would be silently ignored
-_RUN_OPTIONS = (
-    "model", "method", "preset", "config", "set", "device", "dtype", "dataset", "seed", "on_error", "checkpoints",
-    "eval_batch_size", "health", "health_examples", "health_known", "tracker", "chat", "force",
-)  # fmt: skip
+# the options a --resume takes; every other option of `deltaedit run` is fixed by run.json
+_RESUME_OPTIONS = {"command", "out", "resume", "n_edits", "data", "quiet", "threads"}
 
 
 def _options_fixed_by_the_run(args) -> list[str]:
-    defaults = build_parser().parse_args(["run", "--out", args.out])
-    return ["--" + name.replace("_", "-") for name in _RUN_OPTIONS if getattr(args, name) != getattr(defaults, name)]
+    """The options given with --resume that run.json fixes (they would otherwise be silently ignored)."""
+    defaults = vars(build_parser().parse_args(["run", "--out", args.out]))
+    fixed = [name for name, value in defaults.items() if name not in _RESUME_OPTIONS and getattr(args, name) != value]
+    return ["--" + name.replace("_", "-") for name in fixed]
 
 
 def cmd_log(args) -> int:

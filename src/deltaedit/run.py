@@ -30,7 +30,7 @@ from .data import data_folder as given_data_folder
 from .diagnostics import diagnose
 from .editor import Editor
 from .evaluate import Baseline, baseline, evaluate_records, summarize
-from .health import save_states
+from .health import HealthSettings, save_states
 from .ledger import Ledger, LedgerEntry, LedgerError, contained, write_atomic
 from .memory import release_memory
 from .models import load_model
@@ -244,16 +244,10 @@ OWN_FILES = (
 OWN_FOLDERS = (Ledger.EDITS, "tensorboard", "wandb")
 
 
-def _health_records(spec: RunSpec) -> int:
-    from .health import HealthSettings
-
-    return HealthSettings(**spec.health_options).baseline_records
-
-
 def _health(spec: RunSpec, run_dir: Path, editor: Editor, records: list[EditRecord]):
     """The health probe of a run and the unedited model's figures: measured once, before the first edit, and kept
     in the run directory (health_baseline.json, representations.safetensors)."""
-    from .health import BASELINE_FILE, HealthProbe, HealthSettings, load_baseline, save_baseline
+    from .health import BASELINE_FILE, HealthProbe, load_baseline, save_baseline
 
     try:
         settings = HealthSettings(**spec.health_options)
@@ -349,8 +343,8 @@ def run(
                     f"n_edits: the run in {run_dir} goes to {stored.n_edits} edits; a resume can extend it, "
                     f"not shorten it (its checkpoints up to {n_edits} are in metrics.json already)"
                 )
-            read = _health_records(stored)
-            if stored.health and stored.n_edits < read:
+            read = HealthSettings(**stored.health_options).baseline_records if stored.health else 0
+            if stored.n_edits < read:
                 raise RunError(
                     f"n_edits: a --health run is extended only from {read} edits on (its unedited generations "
                     f"are those of its first {read} records); start a new run of {n_edits}"
