@@ -15,7 +15,7 @@ from torch import nn
 
 from deltaedit import Editor, EditRequest
 from deltaedit.data.records import EditRecord
-from deltaedit.diagnostics import condition_number, diagnose
+from deltaedit.diagnostics import condition_number, diagnose, erosion
 from deltaedit.evaluate import baseline, evaluate
 from deltaedit.methods import Decision
 from deltaedit.models import out_weight
@@ -155,3 +155,37 @@ def test_real_editor(tokenizer, corpus_file, family):
         weight = out_weight(editor.parts.out_projs[layer])  # d_model x d_ff whatever the storage
         assert values["cond"] == pytest.approx(condition_number(weight), rel=1e-6)
         assert values["cond"] != pytest.approx(values["cond_original"])
+
+
+def test_erosion_splits_what_later_edits_did(tokenizer, corpus_file):
+    editor = real_editor(tokenizer, corpus_file, "llama")
+    editor.edit(REQUESTS)
+    first_layer, top = editor.config.layers[0], editor.config.layers[-1]
+    e = erosion(editor, batch_size=2)  # two batches: keys are read in the requests' order whatever the batching
+    assert e["edit_id"] == [a.edit_id for a in editor.applied] and len(e["own_norm"]) == 3
+
+    # the last edit: nothing came after it, and its keys read again are the ones it stored
+    assert e["later_norm"][-1] == 0.0
+    assert e["drift_norm"][-1] < 1e-4 * e["own_norm"][-1]
+    # nothing below the lowest edited layer changed, so no key there moved
+    assert max(e["layers"][str(first_layer)]["drift_norm"]) < 1e-4 * min(e["own_norm"])
+    # the first edit's keys at the top layer did move: the lower layer was edited twice since
+    assert e["layers"][str(top)]["drift_norm"][0] > 1e-3 * e["layers"][str(top)]["own_norm"][0]
+
+    # by hand at the top layer, for the first edit: its own write and the two later edits' response to its key
+    first, later = editor.applied[0].updates[top], [a.updates[top] for a in editor.applied[1:]]
+    own = first.response(first.keys)
+    by_hand = sum(u.response(first.keys) for u in later)
+    assert e["layers"][str(top)]["own_norm"][0] == pytest.approx(float(own.norm()), rel=1e-4)
+    assert e["layers"][str(top)]["later_norm"][0] == pytest.approx(float(by_hand.norm()), rel=1e-4)
+    own_total = sum(
+        a.updates[layer].response(a.updates[layer].keys) for a in editor.applied[:1] for layer in editor.config.layers
+    )
+    later_total = sum(
+        a.updates[layer].response(editor.applied[0].updates[layer].keys)
+        for a in editor.applied[1:]
+        for layer in editor.config.layers
+    )
+    expected = -float((later_total * own_total).sum() / (own_total**2).sum())
+    assert e["later_cancels"][0] == pytest.approx(expected, rel=1e-3, abs=1e-6)
+    json.dumps(e, allow_nan=False)

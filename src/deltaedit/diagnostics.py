@@ -15,6 +15,11 @@ At a checkpoint after T edits, for every edited layer l (the paper plots the cri
   and of the original ``W_out``; PRUNE's argument is that editing inflates it.
 
 plus the share of edits whose DeltaEdit decision turned the orthogonal constraint on.
+
+:func:`erosion` splits, per edit in force, how much later edits have moved what the edited layers output at its
+subject: through its key as stored (the superimposed noise above) or by moving the key itself (edits of the
+layers below). It reads every edit's keys again, so it runs a forward pass per edit; it is not part of a
+checkpoint.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from typing import Any
 import torch
 
 from .models import out_weight
+from .target import read_keys
 
 CHUNK = 1024  # key columns per matrix product, to bound memory on large models
 
@@ -144,4 +150,74 @@ def diagnose(editor, layers: Sequence[int] | None = None, condition: bool = True
     return out
 
 
-__all__ = ["diagnose", "layer_diagnostics", "condition_number"]
+@torch.no_grad()
+def erosion(editor, batch_size: int = 16) -> dict[str, Any]:
+    """Why edits stop holding: for every request of every edit e in force, the change of the edited layers'
+    summed MLP output at e's subject since e was made, split three ways (vectors of d_model, summed over the
+    edited layers, then reduced to numbers):
+
+    * ``own``: ``(W_e - W_{e-1}) k_e``, what e itself wrote (W_e: the layer with the edits in force up to e);
+    * ``later``: ``(W_now - W_e) k_e``, later edits' response to e's key as stored: the superimposed noise
+      DeltaEdit's constraint acts on;
+    * ``drift``: ``W_now (k_now - k_e)``, e's key itself has moved because later edits changed the layers
+      below (zero at the lowest edited layer). Not counted: changes reaching the subject through attention.
+
+    Per request: the three norms and the share of ``own`` each of the others cancels, ``-<x, own> / |own|^2``
+    (1.0: the edit's own write undone along its direction). Per layer: the three norms. Every list is in the
+    order of ``editor.applied``, with ``edit_id`` and ``case_id`` to match them to evaluated records.
+    """
+    applied = list(editor.applied)
+    requests = [request for edit in applied for request in edit.requests]
+    layers = sorted({layer for edit in applied for layer, update in edit.updates.items() if update.keys is not None})
+    now: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
+    for start in range(0, len(requests), batch_size):
+        read = read_keys(
+            editor.model, editor.parts, editor.tokenizer, requests[start : start + batch_size], editor.contexts, layers
+        )
+        for layer in layers:
+            now[layer].append(read.keys[layer])
+    d_model = editor.parts.d_model
+    total = {name: torch.zeros(d_model, len(requests), dtype=torch.float64) for name in ("own", "later", "drift")}
+    per_layer: dict[str, dict[str, list[float]]] = {}
+    for layer in layers:
+        weight_now = out_weight(editor.parts.out_projs[layer]).detach().float()
+        keys_now = torch.cat(now[layer], 1).to(weight_now.device)
+        original = editor.original_weights[layer].to(weight_now.device).float()
+        before, in_force, column = original, [], 0
+        parts = {name: torch.zeros(d_model, len(requests), dtype=torch.float64) for name in total}
+        for edit in applied:
+            update, n = edit.updates.get(layer), len(edit.requests)
+            if update is not None:
+                in_force.append(update)
+                after = (
+                    before + update.dense(weight_now.device).float()
+                    if editor.method.composes_by_sum
+                    else editor.method.compose(layer, original, in_force).float()
+                )
+                keys = _row_major(update.keys, weight_now.device)
+                moved = keys_now[:, column : column + n] - keys
+                for name, value in (
+                    ("own", (after - before) @ keys),
+                    ("later", (weight_now - after) @ keys),
+                    ("drift", weight_now @ moved),
+                ):
+                    parts[name][:, column : column + n] = value.double().cpu()
+                before = after
+            column += n
+        per_layer[str(layer)] = {f"{name}_norm": value.norm(dim=0).tolist() for name, value in parts.items()}
+        for name, value in parts.items():
+            total[name] += value
+    own_sq = (total["own"] ** 2).sum(0)
+    out: dict[str, Any] = {
+        "edit_id": [edit.edit_id for edit in applied for _ in edit.requests],
+        "case_id": [request.case_id for request in requests],
+        **{f"{name}_norm": value.norm(dim=0).tolist() for name, value in total.items()},
+    }
+    for name in ("later", "drift"):
+        cancel = -(total[name] * total["own"]).sum(0) / own_sq.clamp_min(1e-30)
+        out[f"{name}_cancels"] = [_finite(value) for value in cancel.tolist()]
+    out["layers"] = per_layer
+    return out
+
+
+__all__ = ["diagnose", "layer_diagnostics", "condition_number", "erosion"]
