@@ -5,8 +5,13 @@ positions read, backward) is timed as (T(10 steps) - T(0 steps)) / 10 of ``optim
 once-per-edit work cancels. Its floating-point operations are counted the same way with torch's
 ``FlopCounterMode``, and every matrix multiply it runs is recorded by shape; the same multiplies are then
 timed alone on random tensors (plain ``torch.mm`` / ``bmm`` / ``addmm``). The ratio of the two times is the share of
-the step that is matrix-multiply work at the speed the library reaches on those shapes. Prints figures;
-asserts nothing.
+the step that is matrix-multiply work at the speed the library reaches on those shapes. Timed alone, each
+multiply reuses its tensors, which then sit in the cache; in a step every weight matrix is read from memory
+(the blocks' and the unembedding's weights are far larger than the cache), once forward and once backward.
+So the same multiplies are also timed once through, in one pass with a tensor of their own each
+("streamed"): what the multiplies cost when their operands come from memory as in the step. Last, a
+profile of 10 steps on one thread gives the time of the multiplies inside the step by shape, with the
+layouts the step really uses. Prints figures; asserts nothing.
 
     DELTAEDIT_DATA=../shared/data python benchmarks/step_peak.py [--threads 1 2]
 """
@@ -63,6 +68,23 @@ def plain_matmul_ms(name: str, shapes: tuple) -> float:
     return timed(lambda: op(*tensors), 20)
 
 
+def streamed_matmul_ms(per_step: dict, repeats: int = 3) -> tuple[float, float]:
+    """One pass over every multiply of a step, each with tensors of its own (so none is in the cache when it
+    runs): the median time of ``repeats`` passes in ms, and the megabytes the pass reads."""
+    generator = torch.Generator().manual_seed(0)
+    calls = []
+    for (name, shapes), count in per_step.items():
+        for _ in range(round(count)):
+            calls.append((getattr(torch, name), [torch.randn(s, generator=generator) for s in shapes]))
+    megabytes = sum(t.numel() * t.element_size() for _, tensors in calls for t in tensors) / 1e6
+
+    def one_pass():
+        for op, tensors in calls:
+            op(*tensors)
+
+    return timed(one_pass, repeats), megabytes
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -91,17 +113,44 @@ def main() -> None:
     mm_flops = sum(c * matmul_flops(*key) for key, c in per_step.items())
     print(f"model {args.model}; {len(contexts)} context prefixes; one step: {step_flops / 1e9:.2f} GFLOP counted, ")
     print(f"of which matrix multiplies {mm_flops / 1e9:.2f} GFLOP in {sum(per_step.values()):.0f} calls\n")
-    print("| threads | step ms | step GFLOP/s | same matmuls alone ms | matmul GFLOP/s | step / matmul-only |")
-    print("|---:|---:|---:|---:|---:|---:|")
+    print(
+        "| threads | step ms | step GFLOP/s | same matmuls alone ms | matmul GFLOP/s | step / matmul-only "
+        "| streamed ms | streamed MB | streamed GB/s | streamed / step |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for threads in args.threads:
         torch.set_num_threads(threads)
         step_ms = (timed(lambda: run(10), args.repeats) - timed(lambda: run(0), args.repeats)) / 10
         alone_ms = sum(c * plain_matmul_ms(*key) for key, c in per_step.items())
+        streamed_ms, megabytes = streamed_matmul_ms(per_step, args.repeats)
         print(
             f"| {threads} | {step_ms:.0f} | {step_flops / step_ms / 1e6:.1f} | {alone_ms:.0f} | "
-            f"{mm_flops / alone_ms / 1e6:.1f} | {alone_ms / step_ms:.0%} |",
+            f"{mm_flops / alone_ms / 1e6:.1f} | {alone_ms / step_ms:.0%} | {streamed_ms:.0f} | {megabytes:.0f} | "
+            f"{megabytes / streamed_ms:.1f} | {streamed_ms / step_ms:.0%} |",
             flush=True,
         )
+    torch.set_num_threads(1)
+    print("\nMatrix multiplies inside 10 steps and the once-per-edit work, one thread, by shape (torch.profiler):\n")
+    print("| shapes | calls | ms | GFLOP/s |")
+    print("|---|---:|---:|---:|")
+    for shapes, calls, ms in profiled_matmuls(lambda: run(10)):
+        gflops = 2 * shapes[0][0] * shapes[0][1] * shapes[1][1] * calls / ms / 1e6
+        print(f"| {shapes[0]} x {shapes[1]} | {calls} | {ms:.1f} | {gflops:.1f} |")
+
+
+def profiled_matmuls(fn) -> list[tuple[list, int, float]]:
+    """(input shapes, calls, self ms) of every ``mm`` shape ``fn`` runs, most time first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        fn()
+    rows = [
+        (event.input_shapes, event.count, event.self_cpu_time_total / 1000)
+        for event in prof.key_averages(group_by_input_shape=True)
+        if event.key == "aten::mm"
+    ]
+    return sorted(rows, key=lambda row: -row[2])
 
 
 if __name__ == "__main__":
