@@ -237,8 +237,8 @@ def test_config_shows_each_preset_and_overrides_win(assets, capsys):
     assert shown["research"]["projection"] == "lowrank" and shown["research"]["warmup"] == 20
     assert shown["research"]["cap_fraction"] == 0.25 and shown["research"]["eig_cut"] == 0.1
     assert shown["paper"]["projection"] == "eigh" and shown["paper"]["cap_fraction"] == 0.75
-    # the project's default, chosen on counterfact-val, is the research preset
-    assert shown["default"] == shown["research"] != shown["paper"]
+    # the project's default, chosen on counterfact-val: the paper's trigger with the targeted constraint
+    assert shown["default"] == {**shown["paper"], "constraint": "targeted"} != shown["research"]
     assert shown["research"]["layers"] == shown["default"]["layers"]  # the model's own defaults stay
     assert main([*base, "--preset", "research", "--set", "warmup=7"]) == 0
     assert json.loads(capsys.readouterr().out)["warmup"] == 7

@@ -12,7 +12,8 @@ computed and fed, and how the directions are found are options; the presets name
   ``v != 0``, warm-up 20, EMA from the first score with a non-empty history, randomized SVD of
   ``[Delta_hist k_e, Delta_hist]`` keeping at most d/4 directions with eigenvalue above 0.1;
 
-The default is the research preset: the best DeltaEdit variant on counterfact-val (docs/defaults-smollm2.md).
+The default is the paper's trigger with ``constraint="targeted"`` (below): with SmolLM2's learning rate of 1.0
+for both methods, the DeltaEdit variant that beat AlphaEdit on counterfact-val (docs/defaults-smollm2.md).
 Two choices of this project, beyond the paper:
 
 * ``constraint="targeted"``: the cross term of eq. 16 for edit e is ``2 (k_e^T beta_e) alpha_e^T (Delta_hist
@@ -74,23 +75,24 @@ class DeltaEditConfig(AlphaEditConfig):
     project_moments: also project Adam's first moment after each step, not only the vector.
     """
 
-    # The defaults are the research preset's (chosen on counterfact-val, docs/defaults-smollm2.md)
+    # The defaults are the paper's trigger with the targeted constraint (chosen on counterfact-val,
+    # docs/defaults-smollm2.md)
     eta: float = 3.0
     ema_delta: float = 0.9
-    warmup: int = 20
-    threshold_on: str = "norm"
-    score_key: str = "prompt"
-    two_sided: bool = True
-    ema_init: str = "first"
+    warmup: int = 5
+    threshold_on: str = "squared"
+    score_key: str = "mean"
+    two_sided: bool = False
+    ema_init: str = "zero"
     ema_update: str = "untriggered"
     trigger: str = "threshold"
-    constraint: str = "history"
+    constraint: str = "targeted"
     neighbors: int = 0
     neighbors_by: str = "cosine"
-    cap_fraction: float = 0.25
-    projection: str = "lowrank"
-    include_response: bool = True
-    eig_cut: float | None = 0.1
+    cap_fraction: float = 0.75
+    projection: str = "eigh"
+    include_response: bool = False
+    eig_cut: float | None = None
     rank_rtol: float = 1e-10
     project_moments: bool = False
 
