@@ -21,6 +21,8 @@ pytestmark = [
 ]
 
 from deltaedit import Editor, EditRequest, load_model  # noqa: E402
+from deltaedit.defaults import default_config  # noqa: E402
+from deltaedit.methods import METHODS  # noqa: E402
 from deltaedit.models import cache_dir, out_weight  # noqa: E402
 from deltaedit.predict import score_answers  # noqa: E402
 
@@ -155,3 +157,16 @@ def test_every_method_makes_one_edit_the_greedy_answer(smollm2, stats_store, met
     finally:
         editor.undo_to(None)
     assert all(torch.equal(out_weight(editor.parts.out_projs[i]), w) for i, w in editor.original_weights.items())
+
+
+def test_the_learning_rate_chosen_for_alphaedit_and_deltaedit_stays_theirs(smollm2):
+    """lr 1.0 was measured on counterfact-val for AlphaEdit and DeltaEdit only (docs/defaults-smollm2.md); the
+    other locate-then-edit methods keep the locate block's 0.5, and DeltaEdit's presets choose only its own options."""
+    model, _ = smollm2
+    rates = {
+        name: default_config(model, METHODS[name]).lr
+        for name in ("alphaedit", "deltaedit", "memit", "rome", "prune", "rect")
+    }
+    assert rates == {"alphaedit": 1.0, "deltaedit": 1.0, "memit": 0.5, "rome": 0.5, "prune": 0.5, "rect": 0.5}
+    assert default_config(model, METHODS["deltaedit"], preset="research").lr == 1.0
+    assert default_config(model, METHODS["deltaedit"]).constraint == "targeted"
