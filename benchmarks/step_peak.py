@@ -134,7 +134,7 @@ def main() -> None:
     print("| shapes | calls | ms | GFLOP/s |")
     print("|---|---:|---:|---:|")
     for shapes, calls, ms in profiled_matmuls(lambda: run(10)):
-        gflops = 2 * shapes[0][0] * shapes[0][1] * shapes[1][1] * calls / ms / 1e6
+        gflops = matmul_flops("mm", shapes) * calls / ms / 1e6
         print(f"| {shapes[0]} x {shapes[1]} | {calls} | {ms:.1f} | {gflops:.1f} |")
 
 
