@@ -538,6 +538,7 @@ def test_config_unknown_option_names_the_field():
         ({"score_key": "last"}, "score_key"),
         ({"neighbors": -1}, "neighbors"),
         ({"kl_position": "end"}, "kl_position"),
+        ({"search_dtype": "int8"}, "search_dtype"),
         ({"projection": "qr"}, "projection"),
         ({"ema_delta": 1.5}, "ema_delta"),
         ({"cap_fraction": 0.0}, "cap_fraction"),

@@ -4,9 +4,14 @@
 the critical one, once per edit; ``reuse_prefix=False`` runs the whole batch through every block at every
 step. Same operations on the same numbers in a different grouping: the vectors agree to float32 rounding
 (relative 1e-4 after ten Adam steps; measured 3e-7..3e-6 here, 1.4e-6 on SmolLM2).
+
+``search_dtype="bfloat16"`` runs the frozen blocks above the critical one and the unembedding in bfloat16:
+a different, close vector, with the lower blocks and the weights untouched.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
@@ -93,3 +98,21 @@ def test_the_kl_term_reads_the_essence_prompt_at_the_subjects_last_token(tokeniz
     assert rows.tolist() == [0, 0, 1, 1, 2]
     assert cols.tolist() == [len(rewrite.ids) - 1, len(rewrite.ids)] * 2 + [essence.subject_index]
     assert loss_positions([rewrite], essence, 1, "last", "cpu")[1].tolist()[-1] == len(essence.ids) - 1
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])  # nn.Linear, and GPT-2's Conv1D (addmm)
+def test_a_bfloat16_search_runs_only_the_upper_blocks_in_bfloat16(family, tokenizer):
+    model = tiny_model(family, n_layers=4)
+    parts = find_parts(model)
+    before = {name: p.clone() for name, p in model.state_dict().items()}
+    request = EditRequest("The capital of {} is", "France", "Rome")
+    settings = dataclasses.replace(SETTINGS, steps=20, stop_prob=0.9)
+    exact = optimize_target(model, parts, tokenizer, request, CONTEXTS, 1, settings)
+    low = optimize_target(
+        model, parts, tokenizer, request, CONTEXTS, 1, dataclasses.replace(settings, search_dtype="bfloat16")
+    )
+    assert torch.equal(low.z_init, exact.z_init)  # the blocks up to the critical one ran in float32
+    assert not torch.equal(low.delta, exact.delta)  # the blocks above it did not
+    assert torch.cosine_similarity(low.delta, exact.delta, dim=0) > 0.95
+    assert low.train_prob == pytest.approx(exact.train_prob, rel=0.05) and low.delta.dtype == torch.float32
+    assert all(p.dtype == torch.float32 and torch.equal(before[name], p) for name, p in model.state_dict().items())
