@@ -7,6 +7,7 @@ figures; asserts nothing.
 
     DELTAEDIT_DATA=../shared/data python benchmarks/speed.py                  # both methods, N=100
     python benchmarks/speed.py --methods deltaedit --n-edits 20 --full-forward  # the unoptimized target path
+    python benchmarks/speed.py --methods deltaedit --set search_dtype=bfloat16    # one option changed
 
 ``--full-forward`` runs every token through every block at every optimizer step (``reuse_prefix=False``),
 the straightforward path the default is checked against. ``--threads`` sets torch's intra-op threads.
@@ -47,6 +48,7 @@ def peak_rss_mb() -> float:
 def one_method(args: argparse.Namespace) -> dict:
     """Everything measured for one method, in this process."""
     import torch
+    import yaml
 
     from deltaedit.data import load_records
     from deltaedit.editor import Editor
@@ -60,10 +62,12 @@ def one_method(args: argparse.Namespace) -> dict:
     model, tokenizer = load_model(args.model, device=args.device)
     load_seconds = time.perf_counter() - started
     records = load_records(args.dataset, args.data, limit=args.n_edits).records
+    overrides = dict(item.split("=", 1) for item in args.set or [])
     editor = Editor(
         model,
         tokenizer,
         method=args.method,
+        config={name: yaml.safe_load(value) for name, value in overrides.items()},
         data_dir=args.data,
         progress=False,
         stats_store=Path(args.stats_store),
@@ -90,6 +94,7 @@ def one_method(args: argparse.Namespace) -> dict:
     return {
         "method": args.method,
         "path": "full forward" if args.full_forward else "default",
+        "settings": " ".join(args.set or []) or "defaults",
         "edits": len(seconds),
         "median_s": statistics.median(seconds),
         "min_s": min(seconds),
@@ -113,13 +118,15 @@ def one_method(args: argparse.Namespace) -> dict:
 
 def table(rows: list[dict]) -> str:
     head = (
-        "| method | path | edits | s/edit median | min | max | first-10 median | last-10 median | steps/edit "
+        "| method | settings | path | edits | s/edit median | min | max | first-10 median | last-10 median "
+        "| steps/edit "
         "| s/step first-10 | s/step last-10 | key stats s | eval s | peak RSS MB | efficacy top |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         lines.append(
-            f"| {r['method']} | {r['path']} | {r['edits']} | {r['median_s']:.2f} | {r['min_s']:.2f} | {r['max_s']:.2f} "
+            f"| {r['method']} | {r.get('settings', 'defaults')} "
+            f"| {r['path']} | {r['edits']} | {r['median_s']:.2f} | {r['min_s']:.2f} | {r['max_s']:.2f} "
             f"| {r['first10_median_s']:.2f} | {r['last10_median_s']:.2f} | {r['mean_steps']:.1f} "
             f"| {r['first10_s_per_step']:.3f} | {r['last10_s_per_step']:.3f} | {r['stats_s']:.1f} "
             f"| {r['eval_s']:.1f} | {r['peak_rss_mb']:.0f} | {r['efficacy_top']:.2f} |"
@@ -139,6 +146,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     parser.add_argument("--full-forward", action="store_true", help="the unoptimized target path, for comparison")
     parser.add_argument("--stats-store", help="key statistics folder (default: a new empty one, so the pass is timed)")
+    parser.add_argument("--set", action="append", metavar="NAME=VALUE", help="change one method option (repeatable)")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
     if args.method:  # child: one method, figures as one JSON line on stdout
@@ -155,6 +163,8 @@ def main() -> None:
                     command += [f"--{flag.replace('_', '-')}", str(value)]
             if args.full_forward:
                 command.append("--full-forward")
+            for item in args.set or []:
+                command += ["--set", item]
             out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
             row = json.loads(out.strip().splitlines()[-1])
             rows.append(row)
