@@ -143,6 +143,27 @@ def test_a_short_run_writes_metrics_and_a_report_with_plots(stats_store, tmp_pat
         assert (tmp_path / "report" / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", plot
 
 
+def test_a_bfloat16_search_writes_the_edit_into_float32_weights(smollm2, stats_store):
+    """search_dtype=bfloat16 (the target search's upper blocks in bfloat16): the edit holds, the weights stay
+    float32, and the update is close to the float32 search's (measured: relative difference 0.06-0.09 by
+    layer, 0.09 at the critical one)."""
+    model, tokenizer = smollm2
+    request = EditRequest("The mother tongue of {} is", "Danielle Darrieux", "English")
+    updates = {}
+    for dtype in ("float32", "bfloat16"):
+        editor = Editor(model, tokenizer, config={"search_dtype": dtype}, progress=False, stats_store=stats_store)
+        try:
+            result = editor.edit(request)[0]
+            assert result.success and greedy(model, editor, tokenizer, [request.text], ["English"])[0], dtype
+            assert all(out_weight(p).dtype == torch.float32 for p in editor.parts.out_projs)
+            updates[dtype] = editor.weight_delta(editor.config.critical_layer)
+        finally:
+            editor.restore()
+    exact, low = updates["float32"], updates["bfloat16"]
+    assert not torch.equal(low, exact)
+    assert (low - exact).norm() / exact.norm() < 0.3
+
+
 @pytest.mark.parametrize("method", ["ft", "rome", "memit", "prune", "rect", "alphaedit"])
 def test_every_method_makes_one_edit_the_greedy_answer(smollm2, stats_store, method):
     """Each baseline with its SmolLM2 defaults (docs/defaults-smollm2.md) writes a single fact

@@ -20,7 +20,7 @@ from tokenizers import processors
 
 from deltaedit.models import find_parts
 from deltaedit.requests import EditRequest
-from deltaedit.target import TargetSettings, optimize_target
+from deltaedit.target import LowPrecisionCopies, TargetSettings, optimize_target
 
 SETTINGS = TargetSettings(steps=8, lr=0.5, weight_decay=1e-3, clamp_norm_factor=4.0, kl_factor=0.0625, stop_prob=1.0)
 CONTEXTS = ["", "The old city was small . ", "I lived there . "]
@@ -116,3 +116,22 @@ def test_a_bfloat16_search_runs_only_the_upper_blocks_in_bfloat16(family, tokeni
     assert torch.cosine_similarity(low.delta, exact.delta, dim=0) > 0.95
     assert low.train_prob == pytest.approx(exact.train_prob, rel=0.05) and low.delta.dtype == torch.float32
     assert all(p.dtype == torch.float32 and torch.equal(before[name], p) for name, p in model.state_dict().items())
+
+
+def test_low_precision_copies_are_kept_until_the_weight_changes(tokenizer):
+    weight = torch.randn(4, 6, generator=torch.Generator().manual_seed(0))
+    copies = LowPrecisionCopies(torch.bfloat16)
+    first = copies(weight)
+    assert copies(weight) is first and torch.equal(first, weight.to(torch.bfloat16))
+    with torch.no_grad():
+        weight.add_(1.0)  # as an edit writes: the version counter moves
+    assert torch.equal(copies(weight), weight.to(torch.bfloat16))
+    # kept from one search to the next, the copies give what a fresh cast gives
+    model = tiny_model("llama", n_layers=4)
+    parts = find_parts(model)
+    request = EditRequest("The capital of {} is", "France", "Rome")
+    settings = dataclasses.replace(SETTINGS, search_dtype="bfloat16")
+    kept = LowPrecisionCopies(torch.bfloat16)
+    runs = [optimize_target(model, parts, tokenizer, request, CONTEXTS, 1, settings, low_precision=kept) for _ in "ab"]
+    fresh = optimize_target(model, parts, tokenizer, request, CONTEXTS, 1, settings)
+    assert torch.equal(runs[0].delta, fresh.delta) and torch.equal(runs[1].delta, fresh.delta)

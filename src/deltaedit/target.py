@@ -201,24 +201,43 @@ class _SuffixForward:
             return self._run()[self.rows, self.cols]
 
 
+class LowPrecisionCopies:
+    """Copies of frozen weights in a lower precision, kept from one target search to the next.
+
+    Why kept: the blocks above the critical one never change while editing, and casting them (and the
+    unembedding) anew for every edit costs a tenth of a bfloat16 edit here. A weight changed in place since
+    its copy was made (its version counter moved, as ``copy_`` / ``add_`` do) or replaced is cast again.
+    """
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+        self._copies: dict[int, tuple[torch.Tensor, int, torch.Tensor]] = {}
+
+    def __call__(self, weight: torch.Tensor) -> torch.Tensor:
+        held = self._copies.get(id(weight))
+        if held is None or held[0] is not weight or held[1] != weight._version:
+            held = (weight, weight._version, weight.detach().to(self.dtype))
+            self._copies[id(weight)] = held
+        return held[2]
+
+
 class LowPrecisionMatmuls(TorchFunctionMode):
-    """Run the matrix multiplies by the given weights in ``dtype``: inputs cast down, outputs cast back up.
+    """Run the matrix multiplies by the given weights in a lower precision: inputs cast down, outputs back up.
 
     The blocks above the critical one and the unembedding are frozen during the target search and are most
-    of its work (matrix multiplies with a few rows); in bfloat16 they run about 1.5x faster on a CPU with
-    bfloat16 instructions, while the weights stay as they are (a copy in ``dtype`` lives for one search) and
+    of its work (matrix multiplies with a few rows); in bfloat16 they run about 1.5x faster on one core with
+    bfloat16 instructions, while the weights stay as they are (``copies`` holds the low-precision ones) and
     everything else (the lower blocks, the loss, the target vector, the solves) keeps its precision.
     Catches ``F.linear`` (``nn.Linear``) and ``torch.addmm`` with the weight last (GPT-2's ``Conv1D``).
     """
 
-    def __init__(self, weights: Iterable[torch.Tensor], dtype: torch.dtype):
+    def __init__(self, weights: Iterable[torch.Tensor], copies: LowPrecisionCopies):
         super().__init__()
-        self.dtype = dtype
-        self.low = {id(w): (w, w.detach().to(dtype)) for w in weights if w.dtype != dtype}
+        self.copies, self.dtype = copies, copies.dtype
+        self.weights = {id(w): w for w in weights}
 
     def _low(self, weight) -> torch.Tensor | None:
-        held = self.low.get(id(weight))
-        return held[1] if held is not None and held[0] is weight else None
+        return self.copies(weight) if self.weights.get(id(weight)) is weight else None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -237,15 +256,18 @@ class LowPrecisionMatmuls(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def search_precision(parts: ModelParts, layer: int, dtype_name: str):
+def search_precision(parts: ModelParts, layer: int, dtype_name: str, copies: LowPrecisionCopies | None = None):
     """The context the target search runs in: the frozen blocks above ``layer`` and the unembedding in
-    ``dtype_name`` (a no-op for the weights already in it, and for "float32" on a float32 model)."""
+    ``dtype_name`` (nothing changes for the weights already in it, e.g. "float32" on a float32 model).
+    ``copies`` keeps the cast weights for later searches (default: cast for this search only)."""
     dtype = getattr(torch, dtype_name)
     weights = [p for block in parts.layers[layer + 1 :] for p in block.parameters() if p.dim() == 2]
-    weights.append(parts.unembed.weight)
-    if all(w.dtype == dtype for w in weights):
+    weights = [w for w in [*weights, parts.unembed.weight] if w.dtype != dtype]
+    if not weights:
         return nullcontext()
-    return LowPrecisionMatmuls(weights, dtype)
+    if copies is None or copies.dtype != dtype:
+        copies = LowPrecisionCopies(dtype)
+    return LowPrecisionMatmuls(weights, copies)
 
 
 def loss_positions(rewrites, essence, n_targets: int, kl_position: str, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -272,11 +294,13 @@ def optimize_target(
     projector: torch.Tensor | None = None,
     project_moments: bool = False,
     reuse_prefix: bool = True,
+    low_precision: LowPrecisionCopies | None = None,
 ) -> TargetResult:
     """Find ``delta`` so that adding it at ``layer``'s output makes the model say ``target_new``.
 
     ``reuse_prefix`` runs the tokens before the subject's last one once per edit instead of at every step
     (same result up to float rounding; False is the straightforward path, kept to check against).
+    ``low_precision`` keeps the weights cast for ``settings.search_dtype`` from one search to the next.
     """
     device = input_device(model)
     t_ids = target_ids(tokenizer, request)
@@ -289,7 +313,7 @@ def optimize_target(
     rows, cols = loss_positions(rewrites, essence, n_t, settings.kl_position, device)
     labels = torch.tensor(t_ids, device=device).repeat(len(rewrites))
 
-    precision = search_precision(parts, layer, settings.search_dtype)
+    precision = search_precision(parts, layer, settings.search_dtype, low_precision)
     with precision:
         if reuse_prefix:
             blocks = parts.layers[: layer + 1]

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from ..requests import EditFailure
-from ..target import TargetSettings, optimize_target, read_keys
+from ..target import LowPrecisionCopies, TargetSettings, optimize_target, read_keys
 from ..updates import LowRankUpdate
 from .base import Computed, Decision, EditContext, EditMethod, MethodConfig
 
@@ -85,6 +85,11 @@ class LocateThenEdit(EditMethod):
     config_class = LocateConfig
     needs_statistics = True  # C0 per edited layer, for the solve
 
+    def __init__(self, config: LocateConfig):
+        super().__init__(config)
+        # the frozen upper blocks cast once for every target search (search_dtype); derived, never saved
+        self.low_precision = LowPrecisionCopies(getattr(torch, config.search_dtype))
+
     def setup(self, context: EditContext) -> None:
         config = self.config
         moments: dict[int, torch.Tensor] = {}
@@ -139,6 +144,7 @@ class LocateThenEdit(EditMethod):
                     settings,
                     projector,
                     reuse_prefix=context.reuse_prefix,
+                    low_precision=self.low_precision,
                 )
             except FloatingPointError as err:
                 raise EditFailure(str(err), request, "target") from err
