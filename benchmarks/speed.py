@@ -48,26 +48,27 @@ def peak_rss_mb() -> float:
 def one_method(args: argparse.Namespace) -> dict:
     """Everything measured for one method, in this process."""
     import torch
-    import yaml
 
+    from deltaedit.cli import set_values
     from deltaedit.data import load_records
     from deltaedit.editor import Editor
     from deltaedit.evaluate import baseline, evaluate
+    from deltaedit.methods import method_class
     from deltaedit.models import load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    options = set_values(args.set or [], method_class(args.method).config_class)  # a typo fails before loading
     started = time.perf_counter()
     model, tokenizer = load_model(args.model, device=args.device)
     load_seconds = time.perf_counter() - started
     records = load_records(args.dataset, args.data, limit=args.n_edits).records
-    overrides = dict(item.split("=", 1) for item in args.set or [])
     editor = Editor(
         model,
         tokenizer,
         method=args.method,
-        config={name: yaml.safe_load(value) for name, value in overrides.items()},
+        config=options,
         data_dir=args.data,
         progress=False,
         stats_store=Path(args.stats_store),

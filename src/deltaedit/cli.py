@@ -26,18 +26,12 @@ def _parse_value(text: str) -> Any:
     return yaml.safe_load(text)
 
 
-def _overrides(args) -> dict[str, Any]:
-    """``--config`` then ``--set`` values, each converted to its option's type (a bad value fails here, before
-    the model is loaded)."""
-    from .defaults import coerce_overrides, preset_values, read_overrides
-    from .methods import method_class
+def set_values(items: list[str], config_class) -> dict[str, Any]:
+    """``--set NAME=VALUE`` items as options, each converted to its option's type (also for benchmarks)."""
+    from .defaults import coerce_overrides
 
-    preset_values(method_class(args.method), args.preset)  # an unknown preset fails here, before loading
-    config_class = method_class(args.method).config_class
     values: dict[str, Any] = {}
-    if args.config:
-        values.update(read_overrides(args.config, args.method))
-    for item in args.set or []:
+    for item in items:
         if "=" not in item:
             raise SystemExit(f"--set: expected NAME=VALUE, got {item!r}")
         name, value = item.split("=", 1)
@@ -48,6 +42,21 @@ def _overrides(args) -> dict[str, Any]:
                 f"--set {name.strip()}: cannot read {value!r}; give a number, true/false, a string or a list: [4,5,6]"
             ) from None
         values.update(coerce_overrides(parsed, config_class, where=f" in --set {item!r}"))
+    return values
+
+
+def _overrides(args) -> dict[str, Any]:
+    """``--config`` then ``--set`` values, each converted to its option's type (a bad value fails here, before
+    the model is loaded)."""
+    from .defaults import preset_values, read_overrides
+    from .methods import method_class
+
+    preset_values(method_class(args.method), args.preset)  # an unknown preset fails here, before loading
+    config_class = method_class(args.method).config_class
+    values: dict[str, Any] = {}
+    if args.config:
+        values.update(read_overrides(args.config, args.method))
+    values.update(set_values(args.set or [], config_class))
     options = {f.name for f in dataclasses.fields(config_class)}
     unknown = sorted(set(values) - options)
     if unknown:

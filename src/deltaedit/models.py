@@ -331,7 +331,7 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    torch_dtype = _parse_dtype(dtype)
+    torch_dtype = parse_dtype(dtype)
     target_device = check_device(device) if device is not None else None
     source = model_source(name_or_path)
     kwargs = {"dtype": torch_dtype} if torch_dtype is not None else {}
@@ -405,20 +405,23 @@ def model_config(name_or_path: str):
         return None
 
 
-def _parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """A dtype from one of the names in :data:`DTYPES` (a dtype or None passes through)."""
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
-    names = {
-        "float32": torch.float32,
-        "fp32": torch.float32,
-        "float16": torch.float16,
-        "fp16": torch.float16,
-        "bfloat16": torch.bfloat16,
-        "bf16": torch.bfloat16,
-    }
-    if dtype not in names:
-        raise ValueError(f"dtype: unknown {dtype!r}; use one of {sorted(names)}")
-    return names[dtype]
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype: unknown {dtype!r}; use one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
 
 
 def context_length(model: nn.Module) -> int | None:

@@ -34,7 +34,7 @@ from .hooks import (
     stop_after,
     with_cache,
 )
-from .models import ModelParts
+from .models import ModelParts, parse_dtype
 from .predict import final_logits, input_device
 from .requests import EditRequest
 from .tokens import encode, pad, pad_id, target_ids
@@ -235,7 +235,7 @@ class LowPrecisionMatmuls(TorchFunctionMode):
 
     def __init__(self, weights: Iterable[torch.Tensor], copies: LowPrecisionCopies):
         super().__init__()
-        self.copies, self.dtype = copies, copies.dtype
+        self.copies = copies
         self.weights = {id(w): w for w in weights}
 
     def _low(self, weight) -> torch.Tensor | None:
@@ -248,13 +248,13 @@ class LowPrecisionMatmuls(TorchFunctionMode):
             low = self._low(weight)
             if low is not None:
                 bias = args[2] if len(args) > 2 else kwargs.get("bias")
-                bias = None if bias is None else bias.to(self.dtype)
-                return F.linear(x.to(self.dtype), low, bias).to(x.dtype)
+                bias = None if bias is None else bias.to(low.dtype)
+                return F.linear(x.to(low.dtype), low, bias).to(x.dtype)
         elif func is torch.addmm and len(args) == 3 and not kwargs:
             bias, x, weight = args
             low = self._low(weight)
             if low is not None:
-                return torch.addmm(bias.to(self.dtype), x.to(self.dtype), low).to(x.dtype)
+                return torch.addmm(bias.to(low.dtype), x.to(low.dtype), low).to(x.dtype)
         return func(*args, **kwargs)
 
 
@@ -262,7 +262,7 @@ def search_precision(parts: ModelParts, layer: int, dtype_name: str, copies: Low
     """The context the target search runs in: the frozen blocks above ``layer`` and the unembedding in
     ``dtype_name`` (nothing changes for the weights already in it, e.g. "float32" on a float32 model).
     ``copies`` keeps the cast weights for later searches (default: cast for this search only)."""
-    dtype = getattr(torch, dtype_name)
+    dtype = parse_dtype(dtype_name)
     weights = [p for block in parts.layers[layer + 1 :] for p in block.parameters() if p.dim() == 2]
     weights = [w for w in [*weights, parts.unembed.weight] if w.dtype != dtype]
     if not weights:

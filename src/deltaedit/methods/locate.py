@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..models import DTYPES, parse_dtype
 from ..requests import EditFailure
 from ..target import LowPrecisionCopies, TargetSettings, optimize_target, read_keys
 from ..updates import LowRankUpdate
@@ -69,8 +70,8 @@ class LocateConfig(MethodConfig):
             raise ValueError("stop_prob: must be in (0, 1]")
         if self.kl_position not in ("subject", "last"):
             raise ValueError(f"kl_position: use 'subject' or 'last', not {self.kl_position!r}")
-        if self.search_dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"search_dtype: use 'float32', 'bfloat16' or 'float16', not {self.search_dtype!r}")
+        if self.search_dtype not in DTYPES:
+            raise ValueError(f"search_dtype: unknown {self.search_dtype!r}; use one of {sorted(DTYPES)}")
 
     def target_settings(self) -> TargetSettings:
         """The optimizer settings, from the options of the same names (those a config lacks keep their default)."""
@@ -88,7 +89,7 @@ class LocateThenEdit(EditMethod):
     def __init__(self, config: LocateConfig):
         super().__init__(config)
         # the frozen upper blocks cast once for every target search (search_dtype); derived, never saved
-        self.low_precision = LowPrecisionCopies(getattr(torch, config.search_dtype))
+        self.low_precision = LowPrecisionCopies(parse_dtype(config.search_dtype))
 
     def setup(self, context: EditContext) -> None:
         config = self.config
