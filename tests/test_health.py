@@ -28,6 +28,7 @@ from deltaedit.health import f1 as task_f1
 from deltaedit.models import find_parts
 from deltaedit.report import write_report
 from deltaedit.run import run
+from deltaedit.tokens import first_tokens, length_batches
 
 
 def test_ngram_entropy_by_hand():
@@ -94,6 +95,26 @@ def test_a_cached_head_scores_what_the_joined_prompt_scores(tokenizer):
         firsts = [tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in words]
         joined.append(torch.log_softmax(logits, -1)[firsts])
     assert torch.allclose(cached, torch.stack(joined).detach(), atol=1e-4)
+    # a token budget that allows one row per pass: batches differ, the scores do not
+    one_by_one = label_scores(model, parts, tokenizer, queries, words, "Head . ", batch_size=3, batch_tokens=1)
+    assert torch.allclose(one_by_one, cached, atol=1e-5)
+
+
+def test_length_batches_bound_rows_and_padded_tokens():
+    lengths = [5, 1, 3, 10]  # shortest first: 1, 3, 5, 10
+    assert length_batches(lengths, max_rows=2, max_tokens=8) == [[1, 2], [0], [3]]  # 2 x 3 fits, 2 x 5 does not
+    assert length_batches(lengths, max_rows=2, max_tokens=8, shared=2) == [[1], [2], [0], [3]]  # 2 x (2 + 3) > 8
+    assert length_batches(lengths, max_rows=4, max_tokens=100) == [[1, 2, 0, 3]]
+    assert length_batches([], max_rows=4, max_tokens=100) == []
+
+
+def test_first_tokens_match_the_whole_texts_tokens(tokenizer):
+    text = "".join(f" The city of Paris is old . line {i}\n" for i in range(40))
+    whole = tokenizer(text, add_special_tokens=False)["input_ids"]
+    for n in (1, 7, 50, 200, len(whole), len(whole) + 10):
+        assert first_tokens(tokenizer, text, n, margin=4) == whole[:n]
+    late = " Paris\n" + " The city is old ." * 60 + "\n The end"  # the first cuts hold one line: the prefix grows
+    assert first_tokens(tokenizer, late, 10, margin=4) == tokenizer(late, add_special_tokens=False)["input_ids"][:10]
 
 
 def health_data(root):

@@ -37,7 +37,7 @@ from .data import data_folder
 from .data.records import EditRecord
 from .models import ModelParts
 from .predict import final_logits, input_device, logits_at
-from .tokens import pad, pad_id
+from .tokens import first_tokens, length_batches, pad, pad_id
 
 
 @dataclass(frozen=True)
@@ -98,7 +98,9 @@ class HealthSettings:
     """examples: per general-capability task; shots: few-shot examples before each; fluency_prompts /
     fluency_tokens: how many edited prompts are continued, and how far; ppl_tokens / ppl_window: WikiText-2
     tokens scored and the window each is scored in; known: factual prompts for the representations;
-    case_study: prompts shown side by side; max_chars: longer example texts are cut (keeps prompts short)."""
+    case_study: prompts shown side by side; max_chars: longer example texts are cut (keeps prompts short);
+    batch_size / batch_tokens: rows per forward pass, and padded tokens per pass for the few-shot tasks (MMLU's
+    long queries in full batches made a health checkpoint's peak memory)."""
 
     examples: int = 100
     shots: int = 2
@@ -111,6 +113,7 @@ class HealthSettings:
     max_chars: int = 400
     seed: int = 0
     batch_size: int = 16
+    batch_tokens: int = 2048
 
     @property
     def baseline_records(self) -> int:
@@ -239,11 +242,12 @@ def health_folder(data_dir: str | None) -> Path:
 
 @torch.no_grad()
 def label_scores(model, parts: ModelParts, tokenizer, queries: Sequence[str], words: Sequence[str], head: str = "",
-                 batch_size: int = 16) -> torch.Tensor:  # fmt: skip
+                 batch_size: int = 16, batch_tokens: int = 2048) -> torch.Tensor:  # fmt: skip
     """For each ``head + query`` (rows), the log-probability of each label word's first token right after it.
 
     The head (instruction and shots, shared by every query) runs once into a key-value cache; each batch of
-    queries runs on a copy of it. Head and query are tokenized apart and joined as ids."""
+    queries (at most ``batch_size`` rows and ``batch_tokens`` padded tokens, head included) runs on a copy
+    of it. Head and query are tokenized apart and joined as ids."""
     from .hooks import cache_of, with_cache
 
     firsts = [tokenizer(word, add_special_tokens=False)["input_ids"][0] for word in words]
@@ -257,9 +261,7 @@ def label_scores(model, parts: ModelParts, tokenizer, queries: Sequence[str], wo
     if head_ids:
         cache = cache_of(base(input_ids=torch.tensor([head_ids], device=device), use_cache=True))
     out = torch.zeros(len(ids), len(firsts))
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    for begin in range(0, len(order), batch_size):
-        chunk = order[begin : begin + batch_size]
+    for chunk in length_batches([len(x) for x in ids], batch_size, batch_tokens, shared=len(head_ids)):
         batch = pad([ids[i] for i in chunk], pad_id(tokenizer), device)
         rows = torch.arange(len(chunk), device=device)
         if cache is None:
@@ -320,7 +322,7 @@ def perplexity(
 
     The unembedding runs on ``chunk`` positions at a time: a window's logits over the whole vocabulary
     (and their log-softmax) would be the largest allocation of a health checkpoint."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"][:n_tokens]
+    ids = first_tokens(tokenizer, text, n_tokens)
     windows = [ids[i : i + window] for i in range(0, len(ids), window) if len(ids[i : i + window]) > 1]
     device = input_device(model)
     total, count = 0.0, 0
@@ -387,6 +389,7 @@ class HealthProbe:
                 words,
                 prompts.head,
                 self.settings.batch_size,
+                self.settings.batch_tokens,
             )
             chosen = label_predictions(scores[:-1], scores[-1])
             out[name] = f1(prompts.labels, [values[i] for i in chosen], task)

@@ -7,6 +7,7 @@ the same layout, so an edit is trained and scored on identical token sequences.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -74,3 +75,37 @@ def pad(sequences: list[list[int]], pad_id: int, device: torch.device) -> Batch:
 
 def pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def length_batches(lengths: Sequence[int], max_rows: int, max_tokens: int, shared: int = 0) -> list[list[int]]:
+    """Indices grouped shortest first into batches of at most ``max_rows`` rows whose padded size, rows x
+    (``shared`` + longest), stays within ``max_tokens`` (a longer sequence goes alone).
+
+    Why: a batch's activations grow with rows x width, so a fixed row count that suits short prompts makes
+    a batch of long ones the largest allocation of a pass (``shared`` counts a cached prefix every row
+    attends to)."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batches: list[list[int]] = []
+    for index in order:
+        current = batches[-1] if batches else None
+        rows = len(current) + 1 if current else 0
+        if current and rows <= max_rows and rows * (shared + lengths[index]) <= max_tokens:
+            current.append(index)
+        else:
+            batches.append([index])
+    return batches
+
+
+def first_tokens(tokenizer, text: str, n_tokens: int, margin: int = 64) -> list[int]:
+    """The first ``n_tokens`` ids of ``tokenizer(text)`` (no special tokens), tokenizing only a prefix.
+
+    Why: tokenizing a whole corpus file at once holds every id and offset of it (about 200 MB for
+    WikiText-2's test split) to keep a few thousand. The prefix ends at a line break and is grown until it
+    yields ``margin`` ids more than needed, so the ids kept lie far from the cut and match the whole text's."""
+    chars = 8 * (n_tokens + margin)
+    while True:
+        piece = text if chars >= len(text) else text[: text.rfind("\n", 0, chars) + 1 or chars]
+        ids = tokenizer(piece, add_special_tokens=False)["input_ids"]
+        if piece is text or len(ids) >= n_tokens + margin:
+            return ids[:n_tokens]
+        chars *= 2
