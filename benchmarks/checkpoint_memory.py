@@ -41,7 +41,7 @@ def main() -> None:
     from deltaedit.data import load_records
     from deltaedit.defaults import default_config
     from deltaedit.evaluate import baseline, evaluate_records
-    from deltaedit.health import HealthProbe, generate, hidden_states, perplexity
+    from deltaedit.health import HealthProbe
     from deltaedit.memory import release_memory, resident_mb
     from deltaedit.methods import METHODS
     from deltaedit.models import find_parts, load_model
@@ -52,26 +52,21 @@ def main() -> None:
     parts = find_parts(model)
     loaded = load_records(args.dataset, limit=args.records)
     records, kind = loaded.records, _kind(loaded.layout)
-    probe = HealthProbe(tokenizer, None, default_config(model, METHODS["deltaedit"]).layers)
-    s = probe.settings
+    critical = default_config(model, METHODS["deltaedit"]).critical_layer
+    probe = HealthProbe(tokenizer, None, sorted({critical, parts.n_layers - 1}))  # the layers a run's probe reads
     base = baseline(model, parts, tokenizer, records, kind, batch_size=args.eval_batch_size)
 
-    phases = {
+    phases = {  # the parts of HealthProbe.measure, one at a time
         "evaluate records": lambda: evaluate_records(
             model, parts, tokenizer, records, base, kind, args.eval_batch_size
         ),
         "health: general capability": lambda: probe.general(model, parts),
-        "health: fluency generations": lambda: generate(
-            model, tokenizer, probe.fluency_prompts(records), s.fluency_tokens, s.batch_size
-        ),
-        "health: perplexity": lambda: perplexity(model, parts, tokenizer, probe.wikitext, s.ppl_tokens, s.ppl_window),
-        "health: representations": lambda: hidden_states(
-            model, tokenizer, probe.known_prompts, probe.layers, s.batch_size
-        ),
+        "health: fluency generations": lambda: probe.generations(model, records),
+        "health: perplexity": lambda: probe.wikitext_perplexity(model, parts),
+        "health: representations": lambda: probe.states(model),
     }
-    print(
-        f"{args.model}, {len(records)} {kind} records, eval batch {args.eval_batch_size}, health batch {s.batch_size}"
-    )
+    batch = probe.settings.batch_size
+    print(f"{args.model}, {len(records)} {kind} records, eval batch {args.eval_batch_size}, health batch {batch}")
     print("| phase | RSS before MiB | peak MiB | peak - before | seconds |")
     print("|---|---|---|---|---|")
     with torch.no_grad():

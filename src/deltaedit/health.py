@@ -395,16 +395,25 @@ class HealthProbe:
             out[name] = f1(prompts.labels, [values[i] for i in chosen], task)
         return out
 
+    def generations(self, model, records: Sequence[EditRecord], count: int | None = None) -> dict[str, str]:
+        prompts = self.fluency_prompts(records, count)
+        texts = generate(model, self.tokenizer, prompts, self.settings.fluency_tokens, self.settings.batch_size)
+        return dict(zip(prompts, texts, strict=True))
+
+    def wikitext_perplexity(self, model, parts) -> float:
+        s = self.settings
+        return perplexity(model, parts, self.tokenizer, self.wikitext, s.ppl_tokens, s.ppl_window)
+
+    def states(self, model) -> dict[int, torch.Tensor]:
+        return hidden_states(model, self.tokenizer, self.known_prompts, self.layers, self.settings.batch_size)
+
     def measure(self, model, parts, records: Sequence[EditRecord], count: int | None = None) -> dict[str, Any]:
         """The raw figures of the model as it is now: F1 per task, generations, perplexity, hidden states."""
-        s = self.settings
-        prompts = self.fluency_prompts(records, count)
-        generations = generate(model, self.tokenizer, prompts, s.fluency_tokens, s.batch_size)
         return {
             "general": self.general(model, parts),
-            "generations": dict(zip(prompts, generations, strict=True)),
-            "perplexity": perplexity(model, parts, self.tokenizer, self.wikitext, s.ppl_tokens, s.ppl_window),
-            "states": hidden_states(model, self.tokenizer, self.known_prompts, self.layers, s.batch_size),
+            "generations": self.generations(model, records, count),
+            "perplexity": self.wikitext_perplexity(model, parts),
+            "states": self.states(model),
         }
 
     def compare(self, now: dict[str, Any], base: dict[str, Any], records: Sequence[EditRecord]) -> dict[str, Any]:

@@ -87,12 +87,12 @@ def length_batches(lengths: Sequence[int], max_rows: int, max_tokens: int, share
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     batches: list[list[int]] = []
     for index in order:
-        current = batches[-1] if batches else None
-        rows = len(current) + 1 if current else 0
-        if current and rows <= max_rows and rows * (shared + lengths[index]) <= max_tokens:
-            current.append(index)
-        else:
-            batches.append([index])
+        if batches:
+            rows = len(batches[-1]) + 1
+            if rows <= max_rows and rows * (shared + lengths[index]) <= max_tokens:
+                batches[-1].append(index)
+                continue
+        batches.append([index])
     return batches
 
 
@@ -104,7 +104,8 @@ def first_tokens(tokenizer, text: str, n_tokens: int, margin: int = 64) -> list[
     yields ``margin`` ids more than needed, so the ids kept lie far from the cut and match the whole text's."""
     chars = 8 * (n_tokens + margin)
     while True:
-        piece = text if chars >= len(text) else text[: text.rfind("\n", 0, chars) + 1 or chars]
+        after_break = text.rfind("\n", 0, chars) + 1  # 0 when no line break comes before ``chars``
+        piece = text if chars >= len(text) else text[: after_break or chars]
         ids = tokenizer(piece, add_special_tokens=False)["input_ids"]
         if piece is text or len(ids) >= n_tokens + margin:
             return ids[:n_tokens]
