@@ -613,6 +613,11 @@ def test_prune_bounds_the_singular_values_of_the_accumulated_change():
     assert torch.allclose(after, expected, atol=1e-4)
     assert after.max() <= s_max + math.log(before.max().item() / s_max) + 1e-4
     assert not method.composes_by_sum  # every write recomputes the layer from W0 (plain MEMIT adds in place)
+    # W0's norm is kept per layer, and taken again for another W0 of that layer (an edits file on another model)
+    doubled = method.compose(0, 2 * base, updates) - 2 * base
+    expected = torch.where(before > 2 * s_max, 2 * s_max + torch.log(before / (2 * s_max)), before)
+    assert torch.allclose(torch.linalg.svdvals(doubled.double()), expected, atol=1e-4)
+    assert torch.equal(method.compose(0, base, updates), composed)  # and back: bit for bit the first write
 
 
 def test_rect_keeps_the_stated_fraction_of_entries_by_relative_change():

@@ -163,6 +163,9 @@ class EditMethod:
 
     def __init__(self, config: MethodConfig):
         self.config = config
+        # W0's largest singular value per layer, for restrain="prune": W0 is fixed for a run, and its SVD costs
+        # as much as the restraint's own on every write (derived, never saved)
+        self._base_norms: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
     def default_layers(cls, n_layers: int) -> tuple[int, ...]:
@@ -232,7 +235,16 @@ class EditMethod:
         total = summed(base, list(updates))
         if self.config.restrain == "none" or not updates:
             return total
-        return base.float() + restrain_change(total - base.float(), base, self.config.restrain_function)
+        return base.float() + restrain_change(
+            total - base.float(), self._base_norm(layer, base), self.config.restrain_function
+        )
+
+    def _base_norm(self, layer: int, base: torch.Tensor) -> torch.Tensor:
+        cached = self._base_norms.get(layer)
+        if cached is None or cached[0] is not base:  # another W0 (an edits file applied to a model): recompute
+            cached = (base, torch.linalg.matrix_norm(base.double(), ord=2))
+            self._base_norms[layer] = cached
+        return cached[1]
 
     @property
     def composes_by_sum(self) -> bool:
@@ -254,11 +266,10 @@ def heuristic_layers(n_layers: int) -> tuple[int, ...]:
     return tuple(range(last - count + 1, last + 1))
 
 
-def restrain_change(change: torch.Tensor, base: torch.Tensor, function: str = "log") -> torch.Tensor:
-    """PRUNE's restraint: singular values of ``change`` above ``base``'s largest one (s_max) are mapped to
-    s_max + log(s / s_max) ("log") or (s + s_max) / 2 ("linear"); the singular vectors stay. Bounds the growth
-    of the edited matrix's condition number however many edits accumulate."""
-    s_max = torch.linalg.matrix_norm(base.double(), ord=2)
+def restrain_change(change: torch.Tensor, s_max: torch.Tensor, function: str = "log") -> torch.Tensor:
+    """PRUNE's restraint: singular values of ``change`` above ``s_max`` (the unedited weight's largest) are
+    mapped to s_max + log(s / s_max) ("log") or (s + s_max) / 2 ("linear"); the singular vectors stay. Bounds
+    the growth of the edited matrix's condition number however many edits accumulate."""
     u, s, vh = torch.linalg.svd(change.double(), full_matrices=False)
     big = s > s_max
     if not bool(big.any()):
