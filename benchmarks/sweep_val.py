@@ -63,6 +63,13 @@ VARIANTS: dict[str, tuple[str, str | None, list[str]]] = {
     # with the threshold that cannot lock in, and with the constraint on every edit
     "fast-lr1-clipped": ("deltaedit", "paper", ["constraint=targeted", "lr=1.0", "ema_update=clipped"]),
     "fast-lr1-always": ("deltaedit", "paper", ["constraint=targeted", "lr=1.0", "trigger=always"]),
+    # the rest of the sweep on today's defaults (lr 1.0): the trigger's width, the paper's constraint capped at a
+    # quarter of the directions, and both methods with MEMIT's / AlphaEdit's published clamp and decay
+    "fast-lr1-eta1.5": ("deltaedit", "paper", ["constraint=targeted", "lr=1.0", "eta=1.5"]),
+    "fast-lr1-eta5": ("deltaedit", "paper", ["constraint=targeted", "lr=1.0", "eta=5"]),
+    "lr1-cap25": ("deltaedit", "paper", ["lr=1.0", "cap_fraction=0.25"]),
+    "fast-lr1-published": ("deltaedit", "paper", ["constraint=targeted", "lr=1.0", *PUBLISHED]),
+    "ae-lr1-published": ("alphaedit", None, ["lr=1.0", *PUBLISHED]),
 }
 
 
