@@ -637,6 +637,24 @@ def test_rect_keeps_the_stated_fraction_of_entries_by_relative_change():
     assert int((dense != 0).sum()) == 40 and torch.equal(kept.keys, update.keys)
 
 
+def test_a_sparse_update_keeps_its_mask_as_packed_bits_and_reads_the_older_flat_positions():
+    import numpy as np
+
+    from deltaedit.updates import SparseUpdate, pack_bits, unpack_bits, update_from_tensors
+
+    generator = torch.Generator().manual_seed(174)
+    for count in (1, 7, 8, 9, 203):
+        flat = torch.rand(count, generator=generator) < 0.3
+        assert np.array_equal(pack_bits(flat).numpy(), np.packbits(flat.numpy()))
+        assert torch.equal(unpack_bits(pack_bits(flat), count), flat)
+    delta, mask = rand(10, 21, seed=175), torch.rand(10, 21, generator=generator) < 0.2
+    kept = SparseUpdate.keep(delta, mask)
+    assert torch.equal(kept.dense(), torch.where(mask, delta, torch.zeros(())))
+    assert kept.tensors()["mask"].numel() == 27  # 210 bits
+    older = {"indices": mask.reshape(-1).nonzero().squeeze(1), "values": kept.values, "shape": torch.tensor([10, 21])}
+    assert torch.equal(update_from_tensors("sparse", older).dense(), kept.dense())
+
+
 def test_neighbors_by_activation_pick_the_past_key_the_update_fires_on_most():
     options = {"constraint": "targeted", "neighbors": 1, "neighbors_by": "activation"}
     method = make_deltaedit(d_model=12, eta=0.0, warmup=0, **options)

@@ -91,10 +91,14 @@ class DenseUpdate(Update):
 
 @dataclass
 class SparseUpdate(Update):
-    """The entries ``values`` at flat positions ``indices`` of a ``shape`` matrix, zero elsewhere (RECT)."""
+    """The entries ``values`` where ``mask`` is set in a ``shape`` matrix, zero elsewhere (RECT).
 
-    indices: torch.Tensor  # int64, flat row-major positions, increasing
-    values: torch.Tensor
+    The mask is kept as packed bits (one bit per entry, row-major): RECT keeps a fifth of every entry, so flat
+    int64 positions would cost 12 bytes per kept entry against 4.6 here, in memory and in the ledger alike.
+    """
+
+    mask: torch.Tensor  # uint8, ceil(rows * cols / 8) bytes, most significant bit first
+    values: torch.Tensor  # float32, the kept entries in row-major order
     shape: tuple[int, int]
     keys: torch.Tensor | None = None
     kind: ClassVar[str] = "sparse"
@@ -102,22 +106,55 @@ class SparseUpdate(Update):
     @classmethod
     def keep(cls, delta: torch.Tensor, mask: torch.Tensor, keys: torch.Tensor | None = None) -> SparseUpdate:
         """The entries of ``delta`` where ``mask`` is true."""
-        flat = mask.reshape(-1).nonzero().squeeze(1)
-        return cls(flat, delta.reshape(-1)[flat].float().contiguous(), tuple(delta.shape), keys)
+        flat = mask.reshape(-1)
+        return cls(pack_bits(flat), delta.reshape(-1)[flat].float().contiguous(), tuple(delta.shape), keys)
+
+    @classmethod
+    def at(cls, indices: torch.Tensor, values: torch.Tensor, shape: tuple[int, int], keys=None) -> SparseUpdate:
+        """From flat row-major positions (increasing) and their values."""
+        flat = torch.zeros(shape[0] * shape[1], dtype=torch.bool, device=indices.device)
+        flat[indices] = True
+        return cls(pack_bits(flat), values.float(), tuple(shape), keys)
+
+    @property
+    def indices(self) -> torch.Tensor:
+        """The kept entries' flat row-major positions (int64, increasing)."""
+        return self._flat_mask().nonzero().squeeze(1)
+
+    def _flat_mask(self, device=None) -> torch.Tensor:
+        mask = self.mask if device is None else self.mask.to(device)
+        return unpack_bits(mask, self.shape[0] * self.shape[1])
 
     def dense(self, device=None) -> torch.Tensor:
         device = self.values.device if device is None else device
         out = torch.zeros(self.shape[0] * self.shape[1], dtype=torch.float32, device=device)
-        out[self.indices.to(device)] = self.values.to(device)
+        out[self._flat_mask(device)] = self.values.to(device)
         return out.reshape(self.shape)
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        out = {"indices": self.indices, "values": self.values, "shape": torch.tensor(self.shape, dtype=torch.int64)}
+        out = {"mask": self.mask, "values": self.values, "shape": torch.tensor(self.shape, dtype=torch.int64)}
         return out if self.keys is None else {**out, "keys": self.keys}
 
     def to(self, device) -> SparseUpdate:
         keys = None if self.keys is None else self.keys.to(device)
-        return SparseUpdate(self.indices.to(device), self.values.to(device), self.shape, keys)
+        return SparseUpdate(self.mask.to(device), self.values.to(device), self.shape, keys)
+
+
+_BIT_WEIGHTS = (128, 64, 32, 16, 8, 4, 2, 1)
+
+
+def pack_bits(flat: torch.Tensor) -> torch.Tensor:
+    """A flat bool tensor as uint8 bytes, eight entries a byte, most significant bit first (numpy's packbits)."""
+    padded = torch.zeros((flat.numel() + 7) // 8 * 8, dtype=torch.uint8, device=flat.device)
+    padded[: flat.numel()] = flat.to(torch.uint8)
+    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=flat.device)
+    return (padded.reshape(-1, 8) * weights).sum(1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, count: int) -> torch.Tensor:
+    """The first ``count`` entries of :func:`pack_bits`'s bytes, as a flat bool tensor."""
+    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=packed.device)
+    return (packed.reshape(-1, 1) & weights).ne(0).reshape(-1)[:count]
 
 
 KINDS: dict[str, type[Update]] = {cls.kind: cls for cls in (LowRankUpdate, DenseUpdate, SparseUpdate)}
@@ -134,7 +171,9 @@ def update_from_tensors(kind: str, tensors: dict[str, torch.Tensor]) -> Update:
         if kind == "dense":
             return DenseUpdate(tensors["delta"], keys)
         shape = tuple(int(x) for x in tensors["shape"].tolist())
-        return SparseUpdate(tensors["indices"], tensors["values"], shape, keys)
+        if "indices" in tensors and "mask" not in tensors:  # ledgers written before the mask was packed
+            return SparseUpdate.at(tensors["indices"], tensors["values"], shape, keys)
+        return SparseUpdate(tensors["mask"], tensors["values"], shape, keys)
     except KeyError as missing:
         raise ValueError(f"a {kind} update needs the tensor {missing}") from None
 
