@@ -473,6 +473,13 @@ def test_targeted_constraint_removes_only_the_responses_of_this_edits_keys():
     full.history = method.history.clone()
     _, paper = full.influence_projector(keys, per_context)
     assert paper.metrics.get("rank", 0) == 9  # the paper's constraint: 3/4 of d_model here
+    mean_only = make_deltaedit(d_model=12, eta=0.0, warmup=0, constraint="targeted", targeted_keys="mean")
+    mean_only.history = method.history.clone()
+    projector, decision = mean_only.influence_projector(keys, per_context)
+    response = method.history @ keys
+    assert decision.metrics.get("rank", 0) == 1 and round(torch.trace(projector).item()) == 12 - 1
+    assert (projector @ response).norm() < 1e-4 * response.norm()
+    assert (projector @ responses).norm() > 0.1 * responses.norm()  # the single prompts' responses stay free
 
 
 def test_targeted_constraint_with_neighbors_adds_the_most_similar_past_keys():

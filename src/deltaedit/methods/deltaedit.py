@@ -43,6 +43,7 @@ CHOICES = {
     "ema_update": ("untriggered", "clipped", "all"),
     "trigger": ("threshold", "always", "never"),
     "constraint": ("history", "targeted"),
+    "targeted_keys": ("contexts", "mean"),
     "neighbors_by": ("cosine", "activation"),
     "projection": ("eigh", "lowrank"),
 }
@@ -67,6 +68,9 @@ class DeltaEditConfig(AlphaEditConfig):
         edit's update will fire on most: by cosine similarity to its key (``neighbors_by="cosine"``), or by the
         activation |beta_e^T k_j| its update at the critical layer will have on them ("activation"; beta_e is the
         solve's activation vector, known before the target vector is optimized).
+    targeted_keys: which of the edit's keys the targeted constraint reads: "contexts" every prompt the target
+        vector is optimized on (bare prompt and context prefixes), "mean" only the context-averaged key the update
+        is solved for, the one eq. 16's cross term names: one direction per request, the least it can remove.
     cap_fraction: at most this share of d_model directions is removed (paper 3/4; research d/4).
     projection: "eigh" decomposes D exactly; "lowrank" takes a randomized SVD of rank cap_fraction x d_model
         (research). D is Delta_hist Delta_hist^T, with include_response also + (Delta_hist k_e)(...)^T.
@@ -87,6 +91,7 @@ class DeltaEditConfig(AlphaEditConfig):
     ema_update: str = "untriggered"
     trigger: str = "threshold"
     constraint: str = "targeted"
+    targeted_keys: str = "contexts"
     neighbors: int = 0
     neighbors_by: str = "cosine"
     cap_fraction: float = 0.75
@@ -259,7 +264,7 @@ class DeltaEdit(AlphaEdit):
 
     def _targeted_basis(self, keys: torch.Tensor, context_keys: torch.Tensor) -> torch.Tensor:
         """Directions Delta_hist k for the edit's own keys and its most similar past keys (at most the cap)."""
-        chosen = [context_keys, keys]
+        chosen = [keys] if self.config.targeted_keys == "mean" else [context_keys, keys]
         if self.config.neighbors and self.past_keys:
             past = torch.cat(self.past_keys, dim=1)
             if self.config.neighbors_by == "activation":  # how strongly this edit's update will fire on each
