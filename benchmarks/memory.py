@@ -40,11 +40,11 @@ def live_tensor_mb() -> float:
 
 
 def retained_mb(editor) -> float:
-    """Bytes the Editor keeps for its applied edits (factors, keys, the critical key)."""
+    """Bytes the Editor keeps for its applied edits (each update's own tensors: factors, keys, a mask...)."""
     total = 0
     for applied in editor.applied:
         for update in applied.updates.values():
-            total += sum(t.nbytes for t in (update.left, update.right, update.keys))
+            total += sum(t.nbytes for t in update.tensors().values())
     return total / 2**20
 
 

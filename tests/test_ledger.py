@@ -98,7 +98,7 @@ def test_manifest_and_edit_entries(tokenizer, corpus_file, tmp_path):
     run = tmp_path / "run"
     editor = make_editor(tokenizer, corpus_file, ledger=run, trigger="always")  # a constraint decision to record
     manifest = json.loads((run / "manifest.json").read_text())
-    assert manifest["format"] == "deltaedit-ledger" and manifest["format_version"] == 2
+    assert manifest["format"] == "deltaedit-ledger" and manifest["format_version"] == 3
     assert manifest["method"] == "deltaedit" and manifest["config"] == editor.config.to_dict()
     assert manifest["config_fingerprint"] == editor.config.fingerprint()
     assert manifest["base_fingerprint"] == fingerprint(new_model())
@@ -403,16 +403,32 @@ def test_undo_errors(tokenizer, corpus_file):
 # --- resume -------------------------------------------------------------------------------------------
 
 
-def test_resume_is_bitwise_an_uninterrupted_run(tokenizer, corpus_file, tmp_path):
+def test_format_versions_read_refused_and_explained(tokenizer, corpus_file, tmp_path):
+    run = tmp_path / "run"
+    make_editor(tokenizer, corpus_file, ledger=run)
+    manifest_path = run / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    for version, refusal in ((2, None), (1, "older deltaedit"), (4, "newer than this deltaedit")):
+        manifest_path.write_text(json.dumps({**manifest, "format_version": version}))
+        if refusal is None:
+            assert Ledger(run).manifest()["format_version"] == 2  # version 2 (int64 sparse positions) is read
+        else:
+            with pytest.raises(LedgerError, match=refusal):
+                Ledger(run).manifest()
+
+
+@pytest.mark.parametrize("hooks", [{}, {"sparsify": 0.5}, {"restrain": "prune"}], ids=["sum", "sparse", "prune"])
+def test_resume_is_bitwise_an_uninterrupted_run(tokenizer, corpus_file, tmp_path, hooks):
     """k edits in one go vs. j edits, the editor dropped, ``Editor.resume`` from the ledger, the rest: the
-    same weights, method state and EditResults, with an undo on the way."""
-    uninterrupted = make_editor(tokenizer, corpus_file)
+    same weights, method state and EditResults, with an undo on the way; also with RECT's sparse updates and
+    PRUNE's restrained composition."""
+    uninterrupted = make_editor(tokenizer, corpus_file, **hooks)
     uninterrupted.edit(REQUESTS[:3])
     uninterrupted.undo(1)
     later = uninterrupted.edit(REQUESTS[3:])
 
     run = tmp_path / "run"
-    first = make_editor(tokenizer, corpus_file, ledger=run)
+    first = make_editor(tokenizer, corpus_file, ledger=run, **hooks)
     first.edit(REQUESTS[:3])
     first.undo(1)
     at_drop, state_at_drop = params(first.model), state(first)

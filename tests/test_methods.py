@@ -660,6 +660,12 @@ def test_a_sparse_update_keeps_its_mask_as_packed_bits_and_reads_the_older_flat_
     assert kept.tensors()["mask"].numel() == 27  # 210 bits
     older = {"indices": mask.reshape(-1).nonzero().squeeze(1), "values": kept.values, "shape": torch.tensor([10, 21])}
     assert torch.equal(update_from_tensors("sparse", older).dense(), kept.dense())
+    order = torch.randperm(len(kept.values), generator=generator)
+    shuffled = {**older, "indices": older["indices"][order], "values": kept.values[order]}
+    assert torch.equal(update_from_tensors("sparse", shuffled).dense(), kept.dense())  # any order of positions
+    for broken in ({"mask": kept.mask[:-1]}, {"values": kept.values[:-1]}, {"mask": kept.mask.long()}):
+        with pytest.raises(ValueError, match="sparse"):
+            update_from_tensors("sparse", {**kept.tensors(), **broken})
 
 
 def test_neighbors_by_activation_pick_the_past_key_the_update_fires_on_most():

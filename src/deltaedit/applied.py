@@ -76,7 +76,7 @@ def edit_record(applied: AppliedEdit, manifest: Mapping[str, Any]) -> dict[str, 
 
 
 def edit_tensors(applied: AppliedEdit) -> dict[str, torch.Tensor]:
-    """The tensors of an applied edit, as stored: float32 CPU copies (indices stay int64), no shared storage."""
+    """The tensors of an applied edit, as stored: float32 CPU copies (a sparse mask stays uint8), no shared storage."""
     out = {}
     for layer, update in applied.updates.items():
         for name, tensor in update.tensors().items():

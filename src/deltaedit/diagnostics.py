@@ -192,7 +192,7 @@ def erosion(editor, batch_size: int = 16) -> dict[str, Any]:
                 after = (
                     before + update.dense(weight_now.device).float()
                     if editor.method.composes_by_sum
-                    else editor.method.compose(layer, original, in_force).float()
+                    else editor.method.compose(layer, editor.original_weights[layer], in_force).float()
                 )
                 keys = _row_major(update.keys, weight_now.device)
                 moved = keys_now[:, column : column + n] - keys

@@ -43,7 +43,10 @@ from .updates import Update
 log = logging.getLogger(__name__)
 
 FORMAT = "deltaedit-ledger"
-FORMAT_VERSION = 2  # 2: base fingerprints from integer checksums, per-layer update kinds, decision metrics
+# 2: base fingerprints from integer checksums, per-layer update kinds, decision metrics; 3: sparse updates keep
+# their mask as packed bits (2 stored int64 positions; this version reads both)
+FORMAT_VERSION = 3
+OLDEST_READABLE = 2
 KINDS = ("edit", "undo", "restore", "rejected")
 
 
@@ -550,7 +553,7 @@ def check_format_version(version: int, source: str | os.PathLike) -> None:
     """Refuse a ledger or edits file this version of deltaedit does not read, saying why."""
     if version > FORMAT_VERSION:
         raise LedgerError(f"format version {version} is newer than this deltaedit reads ({FORMAT_VERSION})", source)
-    if version < FORMAT_VERSION:
+    if version < OLDEST_READABLE:
         raise LedgerError(
             f"format version {version} was written by an older deltaedit, whose base-model fingerprint and records "
             "this one does not read; redo the run (or export it with the deltaedit that made it)",

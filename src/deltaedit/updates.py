@@ -93,7 +93,7 @@ class DenseUpdate(Update):
 class SparseUpdate(Update):
     """The entries ``values`` where ``mask`` is set in a ``shape`` matrix, zero elsewhere (RECT).
 
-    The mask is kept as packed bits (one bit per entry, row-major): RECT keeps a fifth of every entry, so flat
+    The mask is kept as packed bits (one bit per entry, row-major): RECT keeps a fifth of the entries, so flat
     int64 positions would cost 12 bytes per kept entry against 4.6 here, in memory and in the ledger alike.
     """
 
@@ -106,15 +106,22 @@ class SparseUpdate(Update):
     @classmethod
     def keep(cls, delta: torch.Tensor, mask: torch.Tensor, keys: torch.Tensor | None = None) -> SparseUpdate:
         """The entries of ``delta`` where ``mask`` is true."""
-        flat = mask.reshape(-1)
+        flat = mask.reshape(-1).bool()
         return cls(pack_bits(flat), delta.reshape(-1)[flat].float().contiguous(), tuple(delta.shape), keys)
 
     @classmethod
-    def at(cls, indices: torch.Tensor, values: torch.Tensor, shape: tuple[int, int], keys=None) -> SparseUpdate:
-        """From flat row-major positions (increasing) and their values."""
+    def at(
+        cls, indices: torch.Tensor, values: torch.Tensor, shape: tuple[int, int], keys: torch.Tensor | None = None
+    ) -> SparseUpdate:
+        """From flat row-major positions (any order, each once) and their values."""
+        indices, order = indices.long().sort()
+        if indices.numel() and (indices[0] < 0 or indices[-1] >= shape[0] * shape[1]):
+            raise ValueError(f"sparse positions must lie in [0, {shape[0] * shape[1]}) for shape {tuple(shape)}")
+        if bool((indices[1:] == indices[:-1]).any()):
+            raise ValueError("sparse positions must not repeat")
         flat = torch.zeros(shape[0] * shape[1], dtype=torch.bool, device=indices.device)
         flat[indices] = True
-        return cls(pack_bits(flat), values.float(), tuple(shape), keys)
+        return cls(pack_bits(flat), values[order].float(), tuple(shape), keys)
 
     @property
     def indices(self) -> torch.Tensor:
@@ -171,9 +178,21 @@ def update_from_tensors(kind: str, tensors: dict[str, torch.Tensor]) -> Update:
         if kind == "dense":
             return DenseUpdate(tensors["delta"], keys)
         shape = tuple(int(x) for x in tensors["shape"].tolist())
-        if "indices" in tensors and "mask" not in tensors:  # ledgers written before the mask was packed
-            return SparseUpdate.at(tensors["indices"], tensors["values"], shape, keys)
-        return SparseUpdate(tensors["mask"], tensors["values"], shape, keys)
+        if len(shape) != 2:
+            raise ValueError(f"a sparse update's shape has two entries, got {list(shape)}")
+        values = tensors["values"]
+        if values.dim() != 1:
+            raise ValueError(f"a sparse update's values must be one-dimensional, got shape {tuple(values.shape)}")
+        if "indices" in tensors and "mask" not in tensors:  # format version 2 stored int64 positions
+            if tensors["indices"].shape != values.shape:
+                raise ValueError("a sparse update needs one position per value")
+            return SparseUpdate.at(tensors["indices"], values, shape, keys)
+        mask, entries = tensors["mask"], shape[0] * shape[1]
+        if mask.dtype != torch.uint8 or mask.numel() != (entries + 7) // 8:
+            raise ValueError(f"a sparse mask of a {shape} matrix is {(entries + 7) // 8} uint8 bytes")
+        if int(unpack_bits(mask, entries).sum()) != values.numel():
+            raise ValueError("a sparse update needs one value per set bit of its mask")
+        return SparseUpdate(mask, values, shape, keys)
     except KeyError as missing:
         raise ValueError(f"a {kind} update needs the tensor {missing}") from None
 

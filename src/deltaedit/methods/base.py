@@ -165,7 +165,7 @@ class EditMethod:
         self.config = config
         # W0's largest singular value per layer, for restrain="prune": W0 is fixed for a run, and its SVD costs
         # as much as the restraint's own on every write (derived, never saved)
-        self._base_norms: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._base_norms: dict[int, tuple[torch.Tensor, int, torch.Tensor]] = {}
 
     @classmethod
     def default_layers(cls, n_layers: int) -> tuple[int, ...]:
@@ -241,10 +241,10 @@ class EditMethod:
 
     def _base_norm(self, layer: int, base: torch.Tensor) -> torch.Tensor:
         cached = self._base_norms.get(layer)
-        if cached is None or cached[0] is not base:  # another W0 (an edits file applied to a model): recompute
-            cached = (base, torch.linalg.matrix_norm(base.double(), ord=2))
+        if cached is None or cached[0] is not base or cached[1] != base._version:  # another or a changed W0
+            cached = (base, base._version, torch.linalg.matrix_norm(base.double(), ord=2))
             self._base_norms[layer] = cached
-        return cached[1]
+        return cached[2]
 
     @property
     def composes_by_sum(self) -> bool:

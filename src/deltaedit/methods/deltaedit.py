@@ -68,9 +68,10 @@ class DeltaEditConfig(AlphaEditConfig):
         edit's update will fire on most: by cosine similarity to its key (``neighbors_by="cosine"``), or by the
         activation |beta_e^T k_j| its update at the critical layer will have on them ("activation"; beta_e is the
         solve's activation vector, known before the target vector is optimized).
-    targeted_keys: which of the edit's keys the targeted constraint reads: "contexts" every prompt the target
-        vector is optimized on (bare prompt and context prefixes), "mean" only the context-averaged key the update
-        is solved for, the one eq. 16's cross term names: one direction per request, the least it can remove.
+    targeted_keys: which of the edit's keys the targeted constraint reads (constraint="targeted" only):
+        "contexts" every prompt the target vector is optimized on (bare prompt and context prefixes), "mean" only
+        the context-averaged key the update is solved for, the one eq. 16's cross term names: one direction per
+        request, the least it can remove.
     cap_fraction: at most this share of d_model directions is removed (paper 3/4; research d/4).
     projection: "eigh" decomposes D exactly; "lowrank" takes a randomized SVD of rank cap_fraction x d_model
         (research). D is Delta_hist Delta_hist^T, with include_response also + (Delta_hist k_e)(...)^T.
@@ -193,6 +194,7 @@ class DeltaEdit(AlphaEdit):
             "constraint": "history",
             "neighbors": 0,
             "neighbors_by": "cosine",
+            "targeted_keys": "contexts",
             "cap_fraction": 0.75,
             "projection": "eigh",
             "include_response": False,
@@ -211,6 +213,7 @@ class DeltaEdit(AlphaEdit):
             "constraint": "history",
             "neighbors": 0,
             "neighbors_by": "cosine",
+            "targeted_keys": "contexts",
             "cap_fraction": 0.25,
             "projection": "lowrank",
             "include_response": True,
