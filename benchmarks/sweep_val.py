@@ -73,6 +73,12 @@ VARIANTS: dict[str, tuple[str, str | None, list[str]]] = {
     # late edits carry to paraphrases less than AlphaEdit's (docs/results.md): the targeted constraint on the
     # context-averaged key alone (one direction, eq. 16's cross term) instead of every prompt's (six)
     "fast-lr1-mean": ("deltaedit", "paper", ["constraint=targeted", "lr=1.0", "targeted_keys=mean"]),
+    # the same on every edit, as the paper's trigger fires on counterfact-edit (99%) and not here (~15%)
+    "fast-lr1-always-mean": (
+        "deltaedit",
+        "paper",
+        ["constraint=targeted", "lr=1.0", "trigger=always", "targeted_keys=mean"],
+    ),
 }
 
 
