@@ -41,7 +41,7 @@ def main() -> None:
     from deltaedit.data import load_records
     from deltaedit.defaults import default_config
     from deltaedit.evaluate import baseline, evaluate_records
-    from deltaedit.health import HealthProbe
+    from deltaedit.health import HealthProbe, probed_layers
     from deltaedit.memory import release_memory, resident_mb
     from deltaedit.methods import METHODS
     from deltaedit.models import find_parts, load_model
@@ -53,7 +53,7 @@ def main() -> None:
     loaded = load_records(args.dataset, limit=args.records)
     records, kind = loaded.records, _kind(loaded.layout)
     critical = default_config(model, METHODS["deltaedit"]).critical_layer
-    probe = HealthProbe(tokenizer, None, sorted({critical, parts.n_layers - 1}))  # the layers a run's probe reads
+    probe = HealthProbe(tokenizer, None, probed_layers(critical, parts.n_layers))  # the layers a run's probe reads
     base = baseline(model, parts, tokenizer, records, kind, batch_size=args.eval_batch_size)
 
     phases = {  # the parts of HealthProbe.measure, one at a time

@@ -357,6 +357,12 @@ def hidden_states(model, tokenizer, prompts: Sequence[str], layers: Sequence[int
 # ---------------------------------------------------------------------------------------------- the probe
 
 
+def probed_layers(critical_layer: int, n_layers: int) -> list[int]:
+    """The layers whose representations a run compares: the critical layer, where the edits write, and the last,
+    what the unembedding reads."""
+    return sorted({critical_layer, n_layers - 1})
+
+
 class HealthProbe:
     """Everything model health measures, read from the data folder once; ``measure`` on the model as it is."""
 

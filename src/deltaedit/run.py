@@ -247,14 +247,14 @@ OWN_FOLDERS = (Ledger.EDITS, "tensorboard", "wandb")
 def _health(spec: RunSpec, run_dir: Path, editor: Editor, records: list[EditRecord]):
     """The health probe of a run and the unedited model's figures: measured once, before the first edit, and kept
     in the run directory (health_baseline.json, representations.safetensors)."""
-    from .health import BASELINE_FILE, HealthProbe, load_baseline, save_baseline
+    from .health import BASELINE_FILE, HealthProbe, load_baseline, probed_layers, save_baseline
 
     try:
         settings = HealthSettings(**spec.health_options)
     except TypeError as err:
         raise RunError(f"health_options: {err}; options: {sorted(HealthSettings.__dataclass_fields__)}") from None
-    last = editor.parts.n_layers - 1
-    probe = HealthProbe(editor.tokenizer, spec.data_dir, sorted({editor.config.critical_layer, last}), settings)
+    layers = probed_layers(editor.config.critical_layer, editor.parts.n_layers)
+    probe = HealthProbe(editor.tokenizer, spec.data_dir, layers, settings)
     if contained(run_dir, BASELINE_FILE).is_file():
         return probe, load_baseline(run_dir)
     if editor.applied:
