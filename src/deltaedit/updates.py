@@ -150,9 +150,14 @@ class SparseUpdate(Update):
 _BIT_WEIGHTS = (128, 64, 32, 16, 8, 4, 2, 1)
 
 
+def packed_bytes(count: int) -> int:
+    """How many bytes :func:`pack_bits` makes of ``count`` entries."""
+    return (count + 7) // 8
+
+
 def pack_bits(flat: torch.Tensor) -> torch.Tensor:
     """A flat bool tensor as uint8 bytes, eight entries a byte, most significant bit first (numpy's packbits)."""
-    padded = torch.zeros((flat.numel() + 7) // 8 * 8, dtype=torch.uint8, device=flat.device)
+    padded = torch.zeros(packed_bytes(flat.numel()) * 8, dtype=torch.uint8, device=flat.device)
     padded[: flat.numel()] = flat.to(torch.uint8)
     weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=flat.device)
     return (padded.reshape(-1, 8) * weights).sum(1, dtype=torch.uint8)
@@ -188,8 +193,8 @@ def update_from_tensors(kind: str, tensors: dict[str, torch.Tensor]) -> Update:
                 raise ValueError("a sparse update needs one position per value")
             return SparseUpdate.at(tensors["indices"], values, shape, keys)
         mask, entries = tensors["mask"], shape[0] * shape[1]
-        if mask.dtype != torch.uint8 or mask.numel() != (entries + 7) // 8:
-            raise ValueError(f"a sparse mask of a {shape} matrix is {(entries + 7) // 8} uint8 bytes")
+        if mask.dtype != torch.uint8 or mask.numel() != packed_bytes(entries):
+            raise ValueError(f"a sparse mask of a {shape} matrix is {packed_bytes(entries)} uint8 bytes")
         if int(unpack_bits(mask, entries).sum()) != values.numel():
             raise ValueError("a sparse update needs one value per set bit of its mask")
         return SparseUpdate(mask, values, shape, keys)
