@@ -496,6 +496,29 @@ def test_deltaedit_triggered_edit_is_orthogonal_to_the_history(tokenizer, corpus
     assert (earlier.T @ found[0].double()).norm() > 0.5 * found[0].norm()
 
 
+def test_deltaedit_one_sided_edit_never_adds_to_the_noise_at_its_keys(tokenizer, corpus_file, monkeypatch):
+    """orthogonality="one_sided": every triggered edit's target residual has r^T delta <= 0 for the response
+    r = Delta_hist k of each of its keys, read at the critical layer before the edit."""
+    found = []
+    real = editor_module.optimize_target
+
+    def spy(*args, **kwargs):
+        result = real(*args, **kwargs)
+        found.append((args[7], result.delta.clone()))  # (cone, delta)
+        return result
+
+    monkeypatch.setattr(editor_module, "optimize_target", spy)
+    options = {"constraint": "targeted", "orthogonality": "one_sided", "trigger": "always", "warmup": 1}
+    editor = make_editor(tokenizer, corpus_file, method="deltaedit", preset="paper", **options)
+    editor.edit(REQUESTS[:4])
+    results = [a.result for a in editor.applied]
+    assert results[0].triggered is False and all(r.triggered for r in results[1:])
+    for (cone, delta), result in zip(found[1:], results[1:], strict=True):
+        assert cone.count == result.metrics["rank"] > 0
+        assert (cone.normals.T @ delta.double() <= 1e-5 * delta.norm() * cone.normals.norm(dim=0)).all()
+        assert delta.norm() > 0
+
+
 def test_ft_l_keeps_every_entry_of_the_change_within_its_bound(tokenizer, corpus_file):
     model = tiny_model("llama", n_layers=3, initializer_range=0.2)
     editor = Editor(model, tokenizer, "ft", {"layers": [1], "lr": 0.05, "norm_constraint": 0.01}, progress=False)

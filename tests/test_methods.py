@@ -22,6 +22,7 @@ from deltaedit.methods import (
 )
 from deltaedit.methods.alphaedit import nullspace_projector
 from deltaedit.methods.deltaedit import ThresholdTracker
+from deltaedit.target import HalfSpaces
 from deltaedit.updates import LowRankUpdate
 
 CPU = torch.device("cpu")
@@ -480,6 +481,42 @@ def test_targeted_constraint_removes_only_the_responses_of_this_edits_keys():
     assert decision.metrics.get("rank", 0) == 1 and round(torch.trace(projector).item()) == 12 - 1
     assert (projector @ response).norm() < 1e-4 * response.norm()
     assert (projector @ responses).norm() > 0.1 * responses.norm()  # the single prompts' responses stay free
+
+
+def test_one_sided_constraint_is_the_cone_of_the_edits_responses():
+    """orthogonality="one_sided": the target vector may point against Delta_hist k, never along it."""
+    method = make_deltaedit(d_model=12, eta=0.0, warmup=0, constraint="targeted", orthogonality="one_sided")
+    method.history += rand(12, 20, seed=100)
+    per_context = rand(20, 3, seed=101)
+    cone, decision = method.influence_projector(per_context.mean(1, keepdim=True), per_context)
+    assert isinstance(cone, HalfSpaces) and decision.metrics.get("rank", 0) == 4  # three prompts and their mean
+    responses = method.history @ per_context
+    against = -responses.sum(1)  # cancels noise: inside the cone, passes unchanged
+    assert torch.allclose(cone(against), against)
+    for seed in range(5):
+        x = 10 * rand(12, seed=200 + seed).squeeze()
+        p = cone(x).double()
+        assert (cone.normals.T @ p <= 1e-6 * x.norm()).all()  # inside
+        assert torch.allclose(cone(p.float()), p.float(), atol=1e-5)  # idempotent
+        # the nearest point of a convex cone: (x - p) is orthogonal to p and makes an obtuse angle with any y in it
+        residual = x.double() - p
+        assert abs(float(residual @ p)) < 1e-5 * x.norm() ** 2
+        others = torch.stack([cone(100 * rand(12, seed=300 + i).squeeze()).double() for i in range(20)])
+        assert (others @ residual <= 1e-5 * x.norm() ** 2).all()
+
+
+def test_one_sided_constraint_refuses_what_it_cannot_sign():
+    with pytest.raises(ValueError, match="orthogonality"):
+        paper(layers=(0,), orthogonality="one_sided")  # the paper's history constraint has no signed directions
+    with pytest.raises(ValueError, match="orthogonality"):
+        paper(layers=(0,), constraint="targeted", neighbors=2, orthogonality="one_sided")
+    with pytest.raises(ValueError, match="project_moments"):
+        paper(layers=(0,), constraint="targeted", orthogonality="one_sided", project_moments=True)
+
+
+def test_project_moments_reaches_the_target_search():
+    assert paper(layers=(0,), project_moments=True).target_settings().project_moments is True
+    assert paper(layers=(0,)).target_settings().project_moments is False
 
 
 def test_targeted_constraint_with_neighbors_adds_the_most_similar_past_keys():

@@ -4,8 +4,8 @@
   prompt preceded by a few short context prefixes;
 * the target residual ``delta`` (d_model): a vector added to the critical block's output at the
   subject's last token, optimized so the model predicts ``target_new`` (NLL + KL on an "essence"
-  prompt + weight decay, norm-clamped), optionally kept inside a subspace by a projector ``P``
-  after every optimizer step (DeltaEdit's orthogonal constraint).
+  prompt + weight decay, norm-clamped), optionally kept inside a subspace by a projector ``P``, or inside
+  a cone of half-spaces (:class:`HalfSpaces`), after every optimizer step (DeltaEdit's constraint).
 """
 
 from __future__ import annotations
@@ -42,6 +42,36 @@ from .tokens import encode, pad, pad_id, target_ids
 ESSENCE_PROMPT = "{} is a"
 
 
+class HalfSpaces:
+    """The cone ``{x : r_i^T x <= 0}`` over the columns ``r_i`` of ``normals``; calling it projects onto it.
+
+    The projection is exact for any number of normals (Moreau's decomposition: the cone is the polar of
+    ``{R lam : lam >= 0}``, so ``P(x) = x - R lam*`` with ``lam* = argmin_{lam >= 0} ||R lam - x||``, scipy's NNLS).
+    """
+
+    def __init__(self, normals: torch.Tensor):
+        self.normals = normals.detach().double().cpu()
+
+    @property
+    def count(self) -> int:
+        return self.normals.shape[1]
+
+    def __call__(self, vector: torch.Tensor) -> torch.Tensor:
+        from scipy.optimize import nnls
+
+        x = vector.detach().double().cpu()
+        if self.count == 0 or bool((self.normals.T @ x <= 0).all()):
+            return vector.clone()
+        lam, _ = nnls(self.normals.numpy(), x.numpy())
+        projected = x - self.normals @ torch.from_numpy(lam)
+        return projected.to(vector.device, vector.dtype)
+
+
+def constrain(projector: torch.Tensor | HalfSpaces, vector: torch.Tensor) -> torch.Tensor:
+    """``vector`` kept inside the target vector's constraint: a subspace (projector matrix) or a cone."""
+    return projector(vector) if isinstance(projector, HalfSpaces) else projector.to(vector) @ vector
+
+
 @dataclass
 class TargetSettings:
     """Optimizer settings for the target residual (shared by MEMIT, AlphaEdit, DeltaEdit); their defaults
@@ -55,6 +85,7 @@ class TargetSettings:
     stop_prob: float
     kl_position: str = "subject"
     search_dtype: str = "float32"
+    project_moments: bool = False  # DeltaEdit's option: constrain Adam's first moment too, not only the vector
 
 
 @dataclass
@@ -293,8 +324,7 @@ def optimize_target(
     contexts: Sequence[str],
     layer: int,
     settings: TargetSettings,
-    projector: torch.Tensor | None = None,
-    project_moments: bool = False,
+    projector: torch.Tensor | HalfSpaces | None = None,
     reuse_prefix: bool = True,
     low_precision: LowPrecisionCopies | None = None,
 ) -> TargetResult:
@@ -339,7 +369,7 @@ def optimize_target(
         return hidden
 
     optimizer = torch.optim.Adam([delta], lr=settings.lr)
-    if projector is not None:
+    if isinstance(projector, torch.Tensor):
         projector = projector.to(block_device, torch.float32)
     kl_init = None
     steps, prob = 0, 0.0
@@ -366,10 +396,10 @@ def optimize_target(
             steps += 1
             with torch.no_grad():
                 if projector is not None:
-                    delta.copy_(projector @ delta)
-                    if project_moments:
+                    delta.copy_(constrain(projector, delta))
+                    if settings.project_moments:
                         state = optimizer.state[delta]
-                        state["exp_avg"].copy_(projector @ state["exp_avg"])
+                        state["exp_avg"].copy_(constrain(projector, state["exp_avg"]))
                 max_norm = settings.clamp_norm_factor * z_init[0].norm()
                 if delta.norm() > max_norm:
                     delta.mul_(max_norm / delta.norm())

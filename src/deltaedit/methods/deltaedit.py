@@ -21,7 +21,10 @@ Two choices of this project, beyond the paper:
   context prefixes), and with ``neighbors=m`` those of the m past keys most similar to it (whose edits this
   one's activation vector fires on): a handful of directions instead of up to 3/4 of d_model;
 * ``ema_update="clipped"``: a triggered edit folds ``min(s_e, t)`` into the EMA, so a score that grows with
-  the number of edits drags the threshold along instead of locking every later edit in.
+  the number of edits drags the threshold along instead of locking every later edit in;
+* ``orthogonality="one_sided"`` (with the targeted constraint): eq. 16's cross term only adds noise when it is
+  positive, so the target vector may point against ``Delta_hist k`` (cancel noise already at this edit's keys,
+  which lowers ``||Delta_total k||``), only not along it: ``r^T delta <= 0`` instead of ``r^T delta = 0``.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from typing import ClassVar
 
 import torch
 
+from ..target import HalfSpaces
 from ..updates import Update
 from .alphaedit import AlphaEdit, AlphaEditConfig
 from .base import Decision
@@ -44,6 +48,7 @@ CHOICES = {
     "trigger": ("threshold", "always", "never"),
     "constraint": ("history", "targeted"),
     "targeted_keys": ("contexts", "mean"),
+    "orthogonality": ("exact", "one_sided"),
     "neighbors_by": ("cosine", "activation"),
     "projection": ("eigh", "lowrank"),
 }
@@ -72,6 +77,9 @@ class DeltaEditConfig(AlphaEditConfig):
         "contexts" every prompt the target vector is optimized on (bare prompt and context prefixes), "mean" only
         the context-averaged key the update is solved for, the one eq. 16's cross term names: one direction per
         request, the least it can remove.
+    orthogonality: "exact" keeps the target vector orthogonal to the constraint's directions (paper); "one_sided"
+        (targeted constraint, no neighbors) only forbids a positive component along each response
+        ``Delta_hist k`` of the edit's own keys, so the edit may cancel the noise already at them.
     cap_fraction: at most this share of d_model directions is removed (paper 3/4; research d/4).
     projection: "eigh" decomposes D exactly; "lowrank" takes a randomized SVD of rank cap_fraction x d_model
         (research). D is Delta_hist Delta_hist^T, with include_response also + (Delta_hist k_e)(...)^T.
@@ -93,6 +101,7 @@ class DeltaEditConfig(AlphaEditConfig):
     trigger: str = "threshold"
     constraint: str = "targeted"
     targeted_keys: str = "contexts"
+    orthogonality: str = "exact"
     neighbors: int = 0
     neighbors_by: str = "cosine"
     cap_fraction: float = 0.75
@@ -115,6 +124,12 @@ class DeltaEditConfig(AlphaEditConfig):
             raise ValueError(f"{'warmup' if self.warmup < 0 else 'neighbors'}: must be >= 0")
         if not math.isfinite(self.eta):
             raise ValueError("eta: must be a finite number")
+        if self.orthogonality == "one_sided":
+            # the sign of a past key's cross term depends on the new update's activation on it: no fixed side
+            if self.constraint != "targeted" or self.neighbors:
+                raise ValueError("orthogonality: 'one_sided' needs constraint='targeted' and neighbors=0")
+            if self.project_moments:
+                raise ValueError("project_moments: only with orthogonality='exact' (a cone is no subspace)")
 
 
 class ThresholdTracker:
@@ -195,6 +210,7 @@ class DeltaEdit(AlphaEdit):
             "neighbors": 0,
             "neighbors_by": "cosine",
             "targeted_keys": "contexts",
+            "orthogonality": "exact",
             "cap_fraction": 0.75,
             "projection": "eigh",
             "include_response": False,
@@ -214,6 +230,7 @@ class DeltaEdit(AlphaEdit):
             "neighbors": 0,
             "neighbors_by": "cosine",
             "targeted_keys": "contexts",
+            "orthogonality": "exact",
             "cap_fraction": 0.25,
             "projection": "lowrank",
             "include_response": True,
@@ -254,8 +271,12 @@ class DeltaEdit(AlphaEdit):
         decision = Decision(triggered, {"score": measured, "threshold": threshold, "history_empty": history_empty})
         if not triggered:
             return None, decision
+        if config.orthogonality == "one_sided":
+            cone = HalfSpaces(self._targeted_responses(keys, context_keys))
+            decision.metrics["rank"] = cone.count
+            return cone, decision
         if config.constraint == "targeted":
-            basis = self._targeted_basis(keys, context_keys)
+            basis = orthonormal_columns(self._targeted_responses(keys, context_keys))[:, : self._cap()]
         else:
             basis = self._column_basis(self.history @ keys)
         decision.metrics["rank"] = basis.shape[1]
@@ -265,8 +286,8 @@ class DeltaEdit(AlphaEdit):
     def _cap(self) -> int:
         return int(self.config.cap_fraction * self.history.shape[0])
 
-    def _targeted_basis(self, keys: torch.Tensor, context_keys: torch.Tensor) -> torch.Tensor:
-        """Directions Delta_hist k for the edit's own keys and its most similar past keys (at most the cap)."""
+    def _targeted_responses(self, keys: torch.Tensor, context_keys: torch.Tensor) -> torch.Tensor:
+        """The responses Delta_hist k (columns) of the edit's own keys and of its most similar past keys."""
         chosen = [keys] if self.config.targeted_keys == "mean" else [context_keys, keys]
         if self.config.neighbors and self.past_keys:
             past = torch.cat(self.past_keys, dim=1)
@@ -278,9 +299,7 @@ class DeltaEdit(AlphaEdit):
                 similarity = normalize(past, dim=0).T @ normalize(keys, dim=0)
             top = similarity.max(dim=1).values.topk(min(self.config.neighbors, past.shape[1])).indices
             chosen.append(past[:, top])
-        responses = self.history @ torch.cat(chosen, dim=1)
-        basis = orthonormal_columns(responses)
-        return basis[:, : self._cap()]
+        return self.history @ torch.cat(chosen, dim=1)
 
     def _column_basis(self, response: torch.Tensor) -> torch.Tensor:
         """Orthonormal directions of D's column space to remove (the largest, capped)."""

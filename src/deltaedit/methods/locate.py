@@ -22,7 +22,7 @@ import torch
 
 from ..models import DTYPES, parse_dtype
 from ..requests import EditFailure
-from ..target import LowPrecisionCopies, TargetSettings, optimize_target, read_keys
+from ..target import HalfSpaces, LowPrecisionCopies, TargetSettings, optimize_target, read_keys
 from ..updates import LowRankUpdate
 from .base import Computed, Decision, EditContext, EditMethod, MethodConfig
 
@@ -110,9 +110,10 @@ class LocateThenEdit(EditMethod):
 
     def influence_projector(
         self, keys: torch.Tensor, context_keys: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor | None, Decision]:
-        """A projector for the target vector (or None), and the decision behind it, from the edit's keys at the
-        critical layer: context-averaged (d_ff x n) and per prompt (d_ff x n*c, request-major, bare first)."""
+    ) -> tuple[torch.Tensor | HalfSpaces | None, Decision]:
+        """The target vector's constraint (a projector matrix, a cone of half-spaces, or None), and the decision
+        behind it, from the edit's keys at the critical layer: context-averaged (d_ff x n) and per prompt
+        (d_ff x n*c, request-major, bare first)."""
         return None, Decision()
 
     def solve(self, layer: int, keys: torch.Tensor, residuals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
