@@ -25,7 +25,7 @@ from deltaedit.health import (
     perplexity,
 )
 from deltaedit.health import f1 as task_f1
-from deltaedit.models import find_parts
+from deltaedit.models import cache_dir, find_parts
 from deltaedit.report import write_report
 from deltaedit.run import run
 from deltaedit.tokens import first_tokens, length_batches
@@ -213,3 +213,16 @@ def test_a_run_with_health_writes_the_four_groups_and_the_report_draws_them(toke
         assert (tmp_path / "report" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     resumed = run(out, resume=True, progress=False)  # the health baseline is read back, not recomputed
     assert resumed["checkpoints"] == document["checkpoints"]
+
+    # a second run of the same model, settings and texts takes the unedited figures from the cache
+    def measured_again(*args, **kwargs):
+        raise AssertionError("the cached baseline was measured again")
+
+    monkeypatch.setattr(HealthProbe, "baseline", measured_again)
+    again = run(tmp_path / "again", spec, data_dir=str(data), progress=False)
+    assert again["checkpoints"][-1]["metrics"]["general"] == last["general"]
+    assert (tmp_path / "again" / "health_baseline.json").read_text() == (out / "health_baseline.json").read_text()
+    assert len(list((cache_dir() / "health").iterdir())) == 1
+    spec.health_options = {**spec.health_options, "fluency_tokens": SMALL["fluency_tokens"] + 1}
+    with pytest.raises(AssertionError, match="measured again"):  # other settings: another key, measured
+        run(tmp_path / "other", spec, data_dir=str(data), progress=False)

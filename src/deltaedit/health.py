@@ -21,6 +21,7 @@ Measured on the unedited model once and at every checkpoint of a run (``deltaedi
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import string
@@ -466,6 +467,22 @@ class HealthProbe:
             "case_study": case_study,
         }
 
+    def baseline_key(self, model_fingerprint: str, device: torch.device, records: Sequence[EditRecord]) -> str:
+        """What the unedited figures depend on, hashed: the weights, the device kind, the settings, the layers and
+        every text the probe reads. Equal keys give equal baselines, so one measured baseline serves every run."""
+        texts = {name: asdict(prompts) for name, prompts in self.tasks.items()}
+        parts = [
+            model_fingerprint,
+            device.type,
+            asdict(self.settings),
+            self.layers,
+            texts,
+            self.wikitext,
+            self.known_prompts,
+            self.fluency_prompts(records, self.settings.baseline_records),
+        ]
+        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
+
     def baseline(self, model, parts, records: Sequence[EditRecord]) -> dict[str, Any]:
         """``measure`` on the unedited model, with the RBF bandwidth of each layer's cloud."""
         base = self.measure(model, parts, records, self.settings.baseline_records)
@@ -483,7 +500,10 @@ def save_baseline(base: dict[str, Any], run_dir: Path, settings: HealthSettings)
     data["settings"] = asdict(settings)
     write_atomic(contained(run_dir, BASELINE_FILE), json.dumps(data).encode())
     states = {f"unedited.{k}": v.contiguous() for k, v in base["states"].items()}
-    save_file(states, str(contained(run_dir, STATES_FILE)))
+    path = contained(run_dir, STATES_FILE)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(states, str(tmp))
+    tmp.replace(path)  # a reader (another run sharing the cache) never sees half a file
 
 
 def load_baseline(run_dir: Path) -> dict[str, Any]:
@@ -496,6 +516,20 @@ def load_baseline(run_dir: Path) -> dict[str, Any]:
     tensors = load_file(str(contained(run_dir, STATES_FILE)))
     data["states"] = {int(k.split(".")[1]): v for k, v in tensors.items() if k.startswith("unedited.")}
     return data
+
+
+def load_cached_baseline(folder: Path) -> dict[str, Any] | None:
+    """A baseline kept in the cache, or None when there is none or it cannot be read (then it is measured again)."""
+    from safetensors import SafetensorError
+
+    from .ledger import LedgerError
+
+    if not (folder / BASELINE_FILE).is_file():
+        return None
+    try:
+        return load_baseline(folder)
+    except (OSError, ValueError, KeyError, SafetensorError, LedgerError):
+        return None
 
 
 def save_states(run_dir: Path, states: dict[int, torch.Tensor], n_edits: int) -> None:

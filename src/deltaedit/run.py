@@ -21,6 +21,7 @@ import logging
 import os
 import shutil
 import time
+from contextlib import suppress
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,8 @@ from .evaluate import Baseline, baseline, evaluate_records, summarize
 from .health import HealthSettings, save_states
 from .ledger import Ledger, LedgerEntry, LedgerError, contained, write_atomic
 from .memory import release_memory
-from .models import load_model
+from .models import cache_dir, load_model
+from .predict import input_device
 from .report import DEFAULT_POINTS, add_checkpoint, checkpoint_schedule, new_run_record, read_metrics, write_metrics
 from .tracking import TRACKERS, open_tracker
 
@@ -246,8 +248,8 @@ OWN_FOLDERS = (Ledger.EDITS, "tensorboard", "wandb")
 
 def _health(spec: RunSpec, run_dir: Path, editor: Editor, records: list[EditRecord]):
     """The health probe of a run and the unedited model's figures: measured once, before the first edit, and kept
-    in the run directory (health_baseline.json, representations.safetensors)."""
-    from .health import BASELINE_FILE, HealthProbe, load_baseline, probed_layers, save_baseline
+    in the run directory (health_baseline.json, representations.safetensors) and in the cache (health/KEY)."""
+    from .health import BASELINE_FILE, HealthProbe, load_baseline, load_cached_baseline, probed_layers, save_baseline
 
     try:
         settings = HealthSettings(**spec.health_options)
@@ -259,7 +261,15 @@ def _health(spec: RunSpec, run_dir: Path, editor: Editor, records: list[EditReco
         return probe, load_baseline(run_dir)
     if editor.applied:
         raise RunError(f"{run_dir}: {BASELINE_FILE} is missing but edits were made; start the run again with --force")
-    base = probe.baseline(editor.model, editor.parts, records)
+    # measuring it costs minutes of CPU; runs of the same model, settings and texts share one measurement
+    key = probe.baseline_key(editor.base_fingerprint, input_device(editor.model), records)
+    cached = cache_dir() / "health" / key
+    base = load_cached_baseline(cached)
+    if base is None:
+        base = probe.baseline(editor.model, editor.parts, records)
+        with suppress(OSError):  # a cache that cannot be written only costs the next run the measurement
+            cached.mkdir(parents=True, exist_ok=True)
+            save_baseline(base, cached, settings)
     save_baseline(base, run_dir, settings)
     return probe, base
 
