@@ -11,14 +11,17 @@ import pytest
 import torch
 from conftest import tiny_model
 from test_run import make_assets, make_spec
+from transformers import AutoModelForCausalLM
 
 from deltaedit.data import DATA_ENV
 from deltaedit.health import (
     TASKS,
     HealthProbe,
     HealthSettings,
+    cache_baseline,
     label_predictions,
     label_scores,
+    load_cached_baseline,
     mean_cosine_distance,
     mmd,
     ngram_entropy,
@@ -226,3 +229,27 @@ def test_a_run_with_health_writes_the_four_groups_and_the_report_draws_them(toke
     spec.health_options = {**spec.health_options, "fluency_tokens": SMALL["fluency_tokens"] + 1}
     with pytest.raises(AssertionError, match="measured again"):  # other settings: another key, measured
         run(tmp_path / "other", spec, data_dir=str(data), progress=False)
+    spec.health_options = {**SMALL, "known": 12}
+    model = AutoModelForCausalLM.from_pretrained(assets.model)
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] += 1.0
+    model.save_pretrained(tmp_path / "other-model")
+    tokenizer.save_pretrained(tmp_path / "other-model")
+    spec.model = str(tmp_path / "other-model")
+    with pytest.raises(AssertionError, match="measured again"):  # other weights: another key, measured
+        run(tmp_path / "other-weights", spec, data_dir=str(data), progress=False)
+
+
+def test_a_cached_baseline_is_written_whole_once_and_read_back(tmp_path):
+    """Two runs caching one key: the first copy stays, the second leaves nothing behind, a reader gets it whole."""
+    settings = HealthSettings()
+    first = {"general": {"f1": 0.5}, "bandwidths": {1: 2.0}, "states": {1: torch.arange(6.0).reshape(2, 3)}}
+    second = {**first, "general": {"f1": 0.25}}
+    folder = tmp_path / "health" / "KEY"
+    cache_baseline(first, folder, settings)
+    cache_baseline(second, folder, settings)
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["KEY"]
+    read = load_cached_baseline(folder)
+    assert read["general"] == {"f1": 0.5} and read["bandwidths"] == {1: 2.0}
+    assert torch.equal(read["states"][1], first["states"][1])
+    assert load_cached_baseline(tmp_path / "health" / "missing") is None

@@ -92,6 +92,7 @@ TASKS: dict[str, Task] = {
 GROUPS = ("general", "fluency", "perplexity", "representations")
 STATES_FILE = "representations.safetensors"
 BASELINE_FILE = "health_baseline.json"
+BASELINE_SCHEMA = 1  # raised whenever what the probe measures, or how, changes: old cached baselines then miss
 
 
 @dataclass
@@ -468,10 +469,23 @@ class HealthProbe:
         }
 
     def baseline_key(self, model_fingerprint: str, device: torch.device, records: Sequence[EditRecord]) -> str:
-        """What the unedited figures depend on, hashed: the weights, the device kind, the settings, the layers and
-        every text the probe reads. Equal keys give equal baselines, so one measured baseline serves every run."""
+        """What the unedited figures depend on, hashed: the weights, the tokenizer's vocabulary, the device kind,
+        the settings, the layers, every text the probe reads, and the code that measures (this package's, torch's
+        and transformers' versions, BASELINE_SCHEMA). Runs with one key share one measured baseline; it matches a
+        fresh measurement up to the float noise of thread counts and device models within one device kind."""
+        import transformers
+
+        from . import __version__
+
         texts = {name: asdict(prompts) for name, prompts in self.tasks.items()}
+        vocabulary = json.dumps(sorted(self.tokenizer.get_vocab().items())).encode()
         parts = [
+            BASELINE_SCHEMA,
+            __version__,
+            torch.__version__,
+            transformers.__version__,
+            type(self.tokenizer).__name__,
+            hashlib.sha256(vocabulary).hexdigest(),
             model_fingerprint,
             device.type,
             asdict(self.settings),
@@ -516,6 +530,24 @@ def load_baseline(run_dir: Path) -> dict[str, Any]:
     tensors = load_file(str(contained(run_dir, STATES_FILE)))
     data["states"] = {int(k.split(".")[1]): v for k, v in tensors.items() if k.startswith("unedited.")}
     return data
+
+
+def cache_baseline(base: dict[str, Any], folder: Path, settings: HealthSettings) -> None:
+    """Keep a measured baseline in the cache folder ``folder``: written whole into a folder of its own, then renamed
+    into place, so runs measuring the same key at once never read or write each other's half files."""
+    import shutil
+    import tempfile
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        save_baseline(base, staging, settings)
+        staging.rename(folder)  # fails when another run got there first: its copy is as good as ours
+    except OSError:
+        if not (folder / BASELINE_FILE).is_file():
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def load_cached_baseline(folder: Path) -> dict[str, Any] | None:

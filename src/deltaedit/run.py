@@ -21,7 +21,6 @@ import logging
 import os
 import shutil
 import time
-from contextlib import suppress
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -249,7 +248,15 @@ OWN_FOLDERS = (Ledger.EDITS, "tensorboard", "wandb")
 def _health(spec: RunSpec, run_dir: Path, editor: Editor, records: list[EditRecord]):
     """The health probe of a run and the unedited model's figures: measured once, before the first edit, and kept
     in the run directory (health_baseline.json, representations.safetensors) and in the cache (health/KEY)."""
-    from .health import BASELINE_FILE, HealthProbe, load_baseline, load_cached_baseline, probed_layers, save_baseline
+    from .health import (
+        BASELINE_FILE,
+        HealthProbe,
+        cache_baseline,
+        load_baseline,
+        load_cached_baseline,
+        probed_layers,
+        save_baseline,
+    )
 
     try:
         settings = HealthSettings(**spec.health_options)
@@ -267,9 +274,10 @@ def _health(spec: RunSpec, run_dir: Path, editor: Editor, records: list[EditReco
     base = load_cached_baseline(cached)
     if base is None:
         base = probe.baseline(editor.model, editor.parts, records)
-        with suppress(OSError):  # a cache that cannot be written only costs the next run the measurement
-            cached.mkdir(parents=True, exist_ok=True)
-            save_baseline(base, cached, settings)
+        try:
+            cache_baseline(base, cached, settings)
+        except Exception as err:  # any failure: a cache that cannot be written only costs the next run the measurement
+            log.warning("the health baseline was not cached in %s (%s); the next run measures it again", cached, err)
     save_baseline(base, run_dir, settings)
     return probe, base
 
