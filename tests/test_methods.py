@@ -491,6 +491,9 @@ def test_one_sided_constraint_is_the_cone_of_the_edits_responses():
     cone, decision = method.influence_projector(per_context.mean(1, keepdim=True), per_context)
     assert isinstance(cone, HalfSpaces) and decision.metrics.get("rank", 0) == 4  # three prompts and their mean
     responses = method.history @ per_context
+    # the normals are Delta_hist k itself: their sign is the noise's
+    own = torch.cat([responses, method.history @ per_context.mean(1, keepdim=True)], dim=1)
+    assert torch.allclose(cone.normals, own.double(), rtol=1e-5, atol=1e-4)
     against = -responses.sum(1)  # cancels noise: inside the cone, passes unchanged
     assert torch.allclose(cone(against), against)
     for seed in range(5):
@@ -503,6 +506,31 @@ def test_one_sided_constraint_is_the_cone_of_the_edits_responses():
         assert abs(float(residual @ p)) < 1e-5 * x.norm() ** 2
         others = torch.stack([cone(100 * rand(12, seed=300 + i).squeeze()).double() for i in range(20)])
         assert (others @ residual <= 1e-5 * x.norm() ** 2).all()
+
+
+def test_one_sided_constraint_gives_each_request_of_a_batch_its_own_cone():
+    method = make_deltaedit(d_model=12, eta=0.0, warmup=0, constraint="targeted", orthogonality="one_sided")
+    method.history += rand(12, 20, seed=120)
+    per_context = rand(20, 6, seed=121)  # two requests x three prompts
+    mean = per_context.reshape(20, 2, 3).mean(2)
+    cones, decision = method.influence_projector(mean, per_context)
+    assert [cone.count for cone in cones] == [4, 4] and decision.metrics.get("rank", 0) == 8
+    for cone, contexts, key in zip(cones, per_context.split(3, dim=1), mean.split(1, dim=1), strict=True):
+        own = method.history @ torch.cat([contexts, key], dim=1)
+        assert torch.allclose(cone.normals, own.double(), rtol=1e-5, atol=1e-4)
+
+
+def test_one_sided_projection_ignores_zero_normals_and_reports_a_failed_solve(monkeypatch):
+    cone = HalfSpaces(torch.tensor([[1.0, 0.0], [0.0, 0.0]]))  # x_0 <= 0, and a zero normal (no history yet)
+    assert torch.allclose(cone(torch.tensor([2.0, 3.0])), torch.tensor([0.0, 3.0]))
+    assert torch.equal(HalfSpaces(torch.zeros(2, 1))(torch.tensor([2.0, 3.0])), torch.tensor([2.0, 3.0]))
+
+    def stuck(*args, **kwargs):
+        raise RuntimeError("Maximum number of iterations reached.")
+
+    monkeypatch.setattr("scipy.optimize.nnls", stuck)
+    with pytest.raises(FloatingPointError, match="did not converge"):  # the editor turns it into an EditFailure
+        cone(torch.tensor([2.0, 3.0]))
 
 
 def test_one_sided_constraint_refuses_what_it_cannot_sign():

@@ -135,3 +135,28 @@ def test_low_precision_copies_are_kept_until_the_weight_changes(tokenizer):
     runs = [optimize_target(model, parts, tokenizer, request, CONTEXTS, 1, settings, low_precision=kept) for _ in "ab"]
     fresh = optimize_target(model, parts, tokenizer, request, CONTEXTS, 1, settings)
     assert torch.equal(runs[0].delta, fresh.delta) and torch.equal(runs[1].delta, fresh.delta)
+
+
+def test_project_moments_keeps_adams_first_moment_inside_the_subspace(tokenizer, monkeypatch):
+    """With ``project_moments`` the momentum cannot carry the vector back out of the subspace between steps."""
+    model = tiny_model("llama")
+    d_model = model.config.hidden_size
+    basis = torch.linalg.qr(torch.randn(d_model, 4, generator=torch.Generator().manual_seed(1)))[0]
+    projector = torch.eye(d_model) - basis @ basis.T
+    request = EditRequest("The capital of {} is", "France", "Rome")
+    optimizers = []
+    real = torch.optim.Adam
+
+    def kept(*args, **kwargs):
+        optimizers.append(real(*args, **kwargs))
+        return optimizers[-1]
+
+    monkeypatch.setattr(torch.optim, "Adam", kept)
+    parts = find_parts(model)
+    moments = []
+    for project in (False, True):
+        settings = dataclasses.replace(SETTINGS, project_moments=project)
+        optimize_target(model, parts, tokenizer, request, CONTEXTS, 1, settings, projector)
+        (state,) = optimizers[-1].state.values()
+        moments.append((basis.T @ state["exp_avg"]).norm() / state["exp_avg"].norm())
+    assert moments[0] > 1e-3 and moments[1] < 1e-5  # outside the subspace only without the option

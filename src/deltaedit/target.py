@@ -51,6 +51,9 @@ class HalfSpaces:
 
     def __init__(self, normals: torch.Tensor):
         self.normals = normals.detach().double().cpu()
+        # unit normals without the zero ones describe the same cone and keep the solver well scaled
+        norms = self.normals.norm(dim=0)
+        self._units = self.normals[:, norms > 0] / norms[norms > 0]
 
     @property
     def count(self) -> int:
@@ -60,10 +63,16 @@ class HalfSpaces:
         from scipy.optimize import nnls
 
         x = vector.detach().double().cpu()
-        if self.count == 0 or bool((self.normals.T @ x <= 0).all()):
+        units = self._units
+        if units.shape[1] == 0 or bool((units.T @ x <= 0).all()):
             return vector.clone()
-        lam, _ = nnls(self.normals.numpy(), x.numpy())
-        projected = x - self.normals @ torch.from_numpy(lam)
+        try:
+            lam, _ = nnls(units.numpy(), x.numpy())
+        except RuntimeError as err:  # scipy's iteration limit
+            raise FloatingPointError(f"the one-sided constraint's projection did not converge ({err})") from err
+        projected = x - units @ torch.from_numpy(lam)
+        if not bool((units.T @ projected <= 1e-6 * x.norm()).all()):
+            raise FloatingPointError("the one-sided constraint's projection left the cone (NNLS inaccurate)")
         return projected.to(vector.device, vector.dtype)
 
 

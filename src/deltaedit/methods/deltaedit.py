@@ -79,7 +79,8 @@ class DeltaEditConfig(AlphaEditConfig):
         request, the least it can remove.
     orthogonality: "exact" keeps the target vector orthogonal to the constraint's directions (paper); "one_sided"
         (targeted constraint, no neighbors) only forbids a positive component along each response
-        ``Delta_hist k`` of the edit's own keys, so the edit may cancel the noise already at them.
+        ``Delta_hist k`` of the edit's own keys, so the edit may cancel the noise already at them; in a batch
+        each request is bounded by its own keys' responses (the decision's "rank" counts half-spaces).
     cap_fraction: at most this share of d_model directions is removed (paper 3/4; research d/4).
     projection: "eigh" decomposes D exactly; "lowrank" takes a randomized SVD of rank cap_fraction x d_model
         (research). D is Delta_hist Delta_hist^T, with include_response also + (Delta_hist k_e)(...)^T.
@@ -253,7 +254,7 @@ class DeltaEdit(AlphaEdit):
             self.history = torch.zeros(d_model, d_ff, device=devices[critical])
 
     def influence_projector(self, keys, context_keys=None):
-        """The projector for this edit's target vector (None when the constraint is off) and the decision.
+        """The constraint on this edit's target vector (None when it is off) and the decision.
 
         ``keys``: the edit's context-averaged keys at the critical layer (d_ff x n); ``context_keys``: the same
         keys per prompt (d_ff x n*c, request-major, context 0 the bare prompt).
@@ -272,9 +273,12 @@ class DeltaEdit(AlphaEdit):
         if not triggered:
             return None, decision
         if config.orthogonality == "one_sided":
-            cone = HalfSpaces(self._targeted_responses(keys, context_keys))
-            decision.metrics["rank"] = cone.count
-            return cone, decision
+            # one cone per request: a request's cross term involves its own keys only, so its target vector is
+            # signed against its own responses (a subspace, below, may be shared: removing more is still exact)
+            own_keys = zip(keys.split(1, dim=1), context_keys.split(per_request, dim=1), strict=True)
+            cones = [HalfSpaces(self._targeted_responses(mean, contexts)) for mean, contexts in own_keys]
+            decision.metrics["rank"] = sum(cone.count for cone in cones)  # half-spaces: a bound, none removed
+            return (cones[0] if len(cones) == 1 else cones), decision
         if config.constraint == "targeted":
             basis = orthonormal_columns(self._targeted_responses(keys, context_keys))[:, : self._cap()]
         else:

@@ -110,10 +110,10 @@ class LocateThenEdit(EditMethod):
 
     def influence_projector(
         self, keys: torch.Tensor, context_keys: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor | HalfSpaces | None, Decision]:
-        """The target vector's constraint (a projector matrix, a cone of half-spaces, or None), and the decision
-        behind it, from the edit's keys at the critical layer: context-averaged (d_ff x n) and per prompt
-        (d_ff x n*c, request-major, bare first)."""
+    ) -> tuple[torch.Tensor | HalfSpaces | list[HalfSpaces] | None, Decision]:
+        """The target vector's constraint (a projector matrix, a cone of half-spaces, one cone per request, or
+        None), and the decision behind it, from the edit's keys at the critical layer: context-averaged
+        (d_ff x n) and per prompt (d_ff x n*c, request-major, bare first)."""
         return None, Decision()
 
     def solve(self, layer: int, keys: torch.Tensor, residuals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,7 +134,7 @@ class LocateThenEdit(EditMethod):
             raise EditFailure(f"the target vector's constraint could not be built ({err})", culprit, "target") from err
         deltas, z_init, steps = [], [], 0
         settings = config.target_settings()
-        for request in requests:
+        for index, request in enumerate(requests):
             try:
                 found = optimize_target(
                     model,
@@ -144,7 +144,7 @@ class LocateThenEdit(EditMethod):
                     prefixes,
                     critical,
                     settings,
-                    projector,
+                    projector[index] if isinstance(projector, list) else projector,
                     reuse_prefix=context.reuse_prefix,
                     low_precision=self.low_precision,
                 )
