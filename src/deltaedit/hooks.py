@@ -24,50 +24,45 @@ def _with_hidden(output, hidden):
 
 
 @contextmanager
-def capture_inputs(modules: dict[int, nn.Module]) -> Iterator[dict[int, torch.Tensor]]:
-    """Record the first positional input of each module (e.g. the keys entering W_out)."""
-    captured: dict[int, torch.Tensor] = {}
-    handles = []
-    for key, module in modules.items():
-
-        def hook(_module, args, key=key):
-            captured[key] = args[0]
-
-        handles.append(module.register_forward_pre_hook(hook))
+def _removed_after(*handles) -> Iterator[None]:
+    """Remove the given hook handles when the block ends, however it ends."""
     try:
-        yield captured
+        yield
     finally:
         for handle in handles:
             handle.remove()
+
+
+@contextmanager
+def capture_inputs(modules: dict[int, nn.Module]) -> Iterator[dict[int, torch.Tensor]]:
+    """Record the first positional input of each module (e.g. the keys entering W_out)."""
+    captured: dict[int, torch.Tensor] = {}
+
+    def store(key):
+        return lambda _module, args: captured.__setitem__(key, args[0])
+
+    with _removed_after(*(module.register_forward_pre_hook(store(key)) for key, module in modules.items())):
+        yield captured
 
 
 @contextmanager
 def capture_outputs(modules: dict[int, nn.Module]) -> Iterator[dict[int, torch.Tensor]]:
     """Record the hidden-state output of each module (e.g. a block's residual stream)."""
     captured: dict[int, torch.Tensor] = {}
-    handles = []
-    for key, module in modules.items():
 
-        def hook(_module, _args, output, key=key):
-            captured[key] = hidden_of(output)
+    def store(key):
+        return lambda _module, _args, output: captured.__setitem__(key, hidden_of(output))
 
-        handles.append(module.register_forward_hook(hook))
-    try:
+    with _removed_after(*(module.register_forward_hook(store(key)) for key, module in modules.items())):
         yield captured
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @contextmanager
 def capture_raw_output(module: nn.Module) -> Iterator[list]:
     """Record a module's output exactly as it returned it (tensor or tuple), to hand back later."""
     captured: list = []
-    handle = module.register_forward_hook(lambda _m, _a, output: captured.append(output))
-    try:
+    with _removed_after(module.register_forward_hook(lambda _m, _a, output: captured.append(output))):
         yield captured
-    finally:
-        handle.remove()
 
 
 @contextmanager
@@ -93,11 +88,10 @@ def replay_output(blocks: Sequence[nn.Module], output) -> Iterator[None]:
 @contextmanager
 def edit_output(module: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
     """Replace a module's hidden-state output by ``fn(hidden)``."""
-    handle = module.register_forward_hook(lambda _m, _a, output: _with_hidden(output, fn(hidden_of(output))))
-    try:
+    with _removed_after(
+        module.register_forward_hook(lambda _m, _a, output: _with_hidden(output, fn(hidden_of(output))))
+    ):
         yield
-    finally:
-        handle.remove()
 
 
 @contextmanager
@@ -107,11 +101,8 @@ def stop_after(module: nn.Module) -> Iterator[None]:
     def hook(_module, _args, _output):
         raise StopForward
 
-    handle = module.register_forward_hook(hook)
-    try:
+    with _removed_after(module.register_forward_hook(hook)):
         yield
-    finally:
-        handle.remove()
 
 
 def run_until(model: nn.Module, last_module: nn.Module, **inputs) -> None:

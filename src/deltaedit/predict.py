@@ -191,20 +191,19 @@ def score_answers(
     return [AnswerScore(s.log_prob, len(s.targets), s.greedy) for s in scores]
 
 
+def next_token_logits(model, parts: ModelParts, tokenizer, ids: list[int]) -> torch.Tensor:
+    """The logits after the last of ``ids`` (one unpadded sequence), read at that position only."""
+    batch = pad([ids], pad_id(tokenizer), input_device(model))
+    device = batch.input_ids.device
+    last = torch.tensor([len(ids) - 1], device=device)
+    return logits_at(model, parts, batch.inputs(), torch.tensor([0], device=device), last)[0]
+
+
 @torch.no_grad()
 def top_tokens(model, parts: ModelParts, tokenizer, prompt: str, k: int = 5) -> list[tuple[str, float]]:
     """The k most likely next tokens after ``prompt`` with their probabilities."""
-    ids = tokenizer(prompt)["input_ids"]
-    batch = pad([ids], pad_id(tokenizer), input_device(model))
-    device = batch.input_ids.device
-    logits = logits_at(
-        model,
-        parts,
-        batch.inputs(),
-        torch.tensor([0], device=device),
-        torch.tensor([len(ids) - 1], device=device),
-    ).float()
-    probs = torch.softmax(logits[0], -1)
+    logits = next_token_logits(model, parts, tokenizer, tokenizer(prompt)["input_ids"]).float()
+    probs = torch.softmax(logits, -1)
     top = torch.topk(probs, k)
     return [(tokenizer.decode([int(i)]), float(p)) for p, i in zip(top.values, top.indices, strict=True)]
 
@@ -213,15 +212,6 @@ def top_tokens(model, parts: ModelParts, tokenizer, prompt: str, k: int = 5) -> 
 def greedy_continuation(model, parts: ModelParts, tokenizer, prompt: str, n_tokens: int = 4) -> str:
     """A short greedy continuation, to show what the model now says."""
     ids = tokenizer(prompt)["input_ids"]
-    device = input_device(model)
     for _ in range(n_tokens):
-        batch = pad([ids], pad_id(tokenizer), device)
-        logits = logits_at(
-            model,
-            parts,
-            batch.inputs(),
-            torch.tensor([0], device=device),
-            torch.tensor([len(ids) - 1], device=device),
-        )
-        ids.append(int(logits[0].argmax()))
+        ids.append(int(next_token_logits(model, parts, tokenizer, ids).argmax()))
     return tokenizer.decode(ids[len(tokenizer(prompt)["input_ids"]) :])
