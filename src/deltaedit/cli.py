@@ -1,4 +1,5 @@
-"""Command line: ``deltaedit edit``, ``deltaedit demo``, ``deltaedit config``."""
+"""Command line: ``deltaedit edit``, ``demo``, ``config``, ``run``, ``log``, ``undo``, ``export``, ``generate``,
+``report``, ``stats``, ``download``."""
 
 from __future__ import annotations
 
