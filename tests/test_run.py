@@ -147,7 +147,7 @@ def edit_cases(run_dir: Path) -> list[str]:
     return [e.data["requests"][0]["case_id"] for e in entries if e.kind == "edit"]
 
 
-TIMING = ("seconds", "eval_seconds")
+TIMING = ("seconds", "eval_seconds", "resident_mb", "peak_resident_mb")  # what differs run to run
 
 
 def without_timing(value):
@@ -217,6 +217,8 @@ def test_run_writes_ledger_baseline_and_checkpointed_metrics(finished, assets):
         assert diagnostics["critical_layer"] == LAYERS[-1] and sorted(diagnostics["layers"]) == ["0", "1"]
         for name in ("noise_E", "ktb", "delta_norm", "cond", "triggered_share", "eval_seconds"):
             assert isinstance(diagnostics[name], float), name
+        if sys.platform.startswith("linux"):  # memory as the OS reports it: a model is loaded, so > 100 MiB
+            assert 100 < diagnostics["resident_mb"] <= diagnostics["peak_resident_mb"] + 1
         assert checkpoint["seconds"] > 0
     # the edits really landed: efficacy by "larger" is high on this setup
     assert document["checkpoints"][-1]["metrics"]["counterfact"]["efficacy_larger"] >= 0.5

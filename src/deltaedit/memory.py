@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import os
 import sys
 
 
@@ -45,6 +46,17 @@ def resident_mb() -> float | None:
             pages = int(f.read().split()[1])
     except (OSError, IndexError, ValueError):
         return None
-    import os
-
     return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def peak_resident_mb() -> float | None:
+    """The most resident memory this process has had so far (MiB); None where the OS does not say.
+
+    Why both: a run's steady state (``resident_mb`` between edits) and its worst moment (a checkpoint's
+    evaluation) are different limits; a machine must hold the second."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB elsewhere

@@ -32,7 +32,7 @@ from .editor import Editor
 from .evaluate import Baseline, baseline, evaluate_records, summarize
 from .health import HealthSettings, save_states
 from .ledger import Ledger, LedgerEntry, LedgerError, contained, write_atomic
-from .memory import release_memory
+from .memory import peak_resident_mb, release_memory, resident_mb
 from .models import cache_dir, load_model
 from .predict import input_device
 from .report import DEFAULT_POINTS, add_checkpoint, checkpoint_schedule, new_run_record, read_metrics, write_metrics
@@ -508,6 +508,7 @@ def _run_locked(run_dir, spec, ledger, loaded, records, kind, handled, resume, p
         if n not in schedule or any(c["n_edits"] == n for c in document["checkpoints"]):
             return
         started = time.perf_counter()
+        memory = {"resident_mb": resident_mb()}  # between edits, before the evaluation's temporaries
         per_record = evaluate_records(model, editor.parts, tokenizer, edited, base, kind, spec.eval_batch_size)
         values = summarize(per_record)
         made = [applied.result.success for applied in editor.applied]
@@ -520,6 +521,8 @@ def _run_locked(run_dir, spec, ledger, loaded, records, kind, handled, resume, p
             groups.update(probe.compare(now, health_base, edited))
             save_states(run_dir, now["states"], n)
             extra["health_seconds"] = time.perf_counter() - health_started
+        memory["peak_resident_mb"] = peak_resident_mb()  # this process's worst so far, evaluation included
+        extra.update({name: mb for name, mb in memory.items() if mb is not None})
         diagnostics = {**diagnose(editor), **extra}
         add_checkpoint(document, n, spent, groups, diagnostics)
         tracker.log_checkpoint(n, {**groups, "diagnostics": {k: v for k, v in diagnostics.items() if k != "layers"}})
