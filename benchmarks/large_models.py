@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import resource
 import tempfile
 import time
 from pathlib import Path
@@ -85,9 +84,11 @@ def build(name: str, spec: dict, vocab: int, device: str, dtype: torch.dtype):
 
 
 def peak_memory_gb(device: str) -> float:
+    from deltaedit.memory import peak_resident_mb
+
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated() / 1e9
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux: KiB -> GB
+    return peak_resident_mb() * 2**20 / 1e9
 
 
 def main() -> None:

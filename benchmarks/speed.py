@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -41,10 +40,6 @@ def machine() -> str:
     return f"{cpu}; torch {torch.__version__}, {torch.get_num_threads()} threads; Python {platform.python_version()}"
 
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
 def one_method(args: argparse.Namespace) -> dict:
     """Everything measured for one method, in this process."""
     import torch
@@ -53,6 +48,7 @@ def one_method(args: argparse.Namespace) -> dict:
     from deltaedit.data import load_records
     from deltaedit.editor import Editor
     from deltaedit.evaluate import baseline, evaluate
+    from deltaedit.memory import peak_resident_mb
     from deltaedit.methods import method_class
     from deltaedit.models import load_model
 
@@ -110,7 +106,7 @@ def one_method(args: argparse.Namespace) -> dict:
         "stats_s": stats_seconds,
         "eval_s": eval_seconds,
         "load_s": load_seconds,
-        "peak_rss_mb": peak_rss_mb(),
+        "peak_rss_mb": peak_resident_mb(),
         "efficacy_top": metrics.get("efficacy_top"),
         "specificity_top": metrics.get("specificity_top"),
         "machine": machine(),

@@ -211,7 +211,8 @@ def top_tokens(model, parts: ModelParts, tokenizer, prompt: str, k: int = 5) -> 
 @torch.no_grad()
 def greedy_continuation(model, parts: ModelParts, tokenizer, prompt: str, n_tokens: int = 4) -> str:
     """A short greedy continuation, to show what the model now says."""
-    ids = tokenizer(prompt)["input_ids"]
+    ids = list(tokenizer(prompt)["input_ids"])
+    start = len(ids)
     for _ in range(n_tokens):
         ids.append(int(next_token_logits(model, parts, tokenizer, ids).argmax()))
-    return tokenizer.decode(ids[len(tokenizer(prompt)["input_ids"]) :])
+    return tokenizer.decode(ids[start:])
