@@ -188,6 +188,8 @@ def test_report(finished, tmp_path, capsys):
 
     assert main(["report", str(tmp_path / "nothing"), "--out", str(out)]) == 2
     assert "metrics.json" in capsys.readouterr().err
+    assert main(["report", str(finished), "--out", str(out), "--at", "7", "--rows", "method"]) == 2
+    assert "at: " in (err := capsys.readouterr().err) and "no checkpoint at 7 edits" in err
 
 
 # --- run: refusals ---------------------------------------------------------------------------------------

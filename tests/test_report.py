@@ -106,6 +106,42 @@ def test_write_report(tmp_path):
     assert "### alphaedit" in report and "2781" in report  # noise_E in the checkpoint table
 
 
+def test_report_at_a_common_edit_count(tmp_path):
+    alpha, delta, delta_zsre = make_runs(tmp_path)
+    report = write_report([alpha, delta], tmp_path / "at50", at=50).read_text()
+    assert "Each run at 50 edits" in report
+    alpha_row = table_row(report, "alphaedit")
+    assert alpha_row[2:5] == ["95.00", "60.00", "60.00"] and alpha_row[-1] == "50"
+    assert "2781" not in report  # the checkpoint after 50 is gone from the checkpoint tables too
+    with pytest.raises(ValueError, match=r"at: .*delta-zsre.*no checkpoint at 50 edits \(it has \[100\]\)"):
+        write_report([alpha, delta_zsre], tmp_path / "bad", at=50)
+
+
+def test_report_rows_by_method(tmp_path):
+    runs = []
+    for name, dataset, metrics in [
+        ("memit-cf-500", "counterfact", cf(0.9, 0.3, 0.8, 0.95, 0.5, 0.97)),
+        ("memit-zsre-500", "zsre", {"zsre": {"efficacy": 0.7, "generalization": 0.6, "specificity": 0.8}}),
+    ]:
+        run = new_run_record("memit", "gpt2-xl", dataset, 50, name=name)
+        add_checkpoint(run, 50, 1.0, metrics)
+        write_metrics(tmp_path / name, run)
+        runs.append(tmp_path / name)
+    by_name = write_report(runs, tmp_path / "names").read_text()
+    assert table_row(by_name, "memit-cf-500")[-4:] == ["", "", "", "50"]
+    by_method = write_report(runs, tmp_path / "methods", rows="method").read_text()
+    counterfact, zsre = ["90.00", "30.00", "80.00", "95.00", "50.00", "97.00"], ["70.00", "60.00", "80.00"]
+    assert table_row(by_method, "memit")[2:] == [*counterfact, *zsre, "50"]
+    # two CounterFact runs of one method cannot share a row: one would hide the other
+    again = new_run_record("memit", "gpt2-xl", "counterfact", 50, name="memit-cf-lr1")
+    add_checkpoint(again, 50, 1.0, cf(0.5, 0.3, 0.8, 0.95, 0.5, 0.97))
+    write_metrics(tmp_path / "again", again)
+    with pytest.raises(ValueError, match="rows: runs 'memit-cf-500' and 'memit-cf-lr1' both give memit's counterfact"):
+        write_report([*runs, tmp_path / "again"], tmp_path / "bad", rows="method")
+    with pytest.raises(ValueError, match="rows: use 'name' or 'method'"):
+        write_report(runs, tmp_path / "bad", rows="dataset")
+
+
 def test_plots_without_data_are_skipped(tmp_path):
     run = new_run_record("memit", "llama3-8b", "counterfact", 10)
     add_checkpoint(run, 10, 1.0, cf(0.1, 0.1, 0.1, 0.5, 0.5, 0.5))  # no diagnostics

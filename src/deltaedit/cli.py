@@ -209,6 +209,13 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="Table 1 and plots from one or more run directories")
     report.add_argument("run_dirs", nargs="+")
     report.add_argument("--out", required=True, help="folder for report.md and the PNG plots")
+    report.add_argument("--at", type=_positive_int, help="read every run at this checkpoint (default: each run's last)")
+    report.add_argument(
+        "--rows",
+        choices=("name", "method"),
+        default="name",
+        help="label Table 1's rows by run name, or by method (a CounterFact and a zsRE run share a row)",
+    )
 
     stats = sub.add_parser("stats", help="key statistics: compute, list, export and import them")
     verbs = stats.add_subparsers(dest="stats_command", required=True)
@@ -620,7 +627,7 @@ def cmd_stats(args) -> int:
 def cmd_report(args) -> int:
     from .report import write_report
 
-    path = write_report(args.run_dirs, args.out)
+    path = write_report(args.run_dirs, args.out, at=args.at, rows=args.rows)
     print(f"report written to {path}")
     return 0
 

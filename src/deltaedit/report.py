@@ -8,9 +8,10 @@ A run directory holds one ``metrics.json`` (schema in docs/metrics.md)::
                       "metrics": {"counterfact": {"efficacy_top": 0.98, ...}, "zsre": {...}},
                       "diagnostics": {...deltaedit.diagnostics.diagnose output...}}, ...]}
 
-:func:`write_report` puts any number of runs side by side: the paper's Table 1 (final checkpoint of each run;
-runs of the same model and label share a row, so a CounterFact run and a zsRE run of one method fill one
-row) and the curves of Figures 1, 2 and 4a against the number of edits.
+:func:`write_report` puts any number of runs side by side: the paper's Table 1 (final checkpoint of each run,
+or each run's checkpoint ``at`` a common edit count; runs of the same model and label share a row, so a
+CounterFact run and a zsRE run of one method fill one row, and ``rows="method"`` labels rows by method) and
+the curves of Figures 1, 2 and 4a against the number of edits.
 """
 
 from __future__ import annotations
@@ -168,15 +169,29 @@ def _final_metrics(document: dict[str, Any]) -> tuple[dict[str, dict[str, float]
     return values, last
 
 
-def table_rows(documents: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Table 1 rows: one per (model, label), merging the final metrics of the runs that share it."""
+ROW_LABELS = ("name", "method")
+
+
+def table_rows(documents: Sequence[dict[str, Any]], rows_by: str = "name") -> list[dict[str, Any]]:
+    """Table 1 rows: one per (model, label), merging the final metrics of the runs that share it. The label
+    is the run's name ("name") or its method ("method": one row per method, as in the paper's Table 1)."""
+    if rows_by not in ROW_LABELS:
+        raise ValueError(f"rows: use 'name' or 'method', not {rows_by!r}")
     rows: dict[tuple[str, str], dict[str, Any]] = {}
+    sources: dict[tuple[str, str, str], str] = {}  # (model, label, metrics group) -> the run that filled it
     for document in documents:
         run = document["run"]
-        key = (str(run.get("model", "")), run_label(run))
+        label = run_label(run) if rows_by == "name" else str(run.get("method") or "run")
+        key = (str(run.get("model", "")), label)
         row = rows.setdefault(key, {"model": key[0], "label": key[1], "values": {}, "edits": []})
         values, last = _final_metrics(document)
         for group, metrics in values.items():
+            other = sources.setdefault((*key, group), run_label(run))
+            if group in row["values"]:  # a second run with the same row's figures would hide the first
+                raise ValueError(
+                    f"rows: runs {other!r} and {run_label(run)!r} both give {key[1]}'s {group} figures on "
+                    f"{key[0]}; report one run per method and dataset, or label rows by name"
+                )
             row["values"].setdefault(group, {}).update(metrics)
         n = last if last is not None else run.get("n_edits")
         if n is not None and n not in row["edits"]:
@@ -263,23 +278,50 @@ def _plot(path: Path, title: str, ylabel: str, curves: list[tuple[str, list, lis
         plt.close(fig)
 
 
-def write_report(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike) -> Path:
-    """Write ``report.md`` (Table 1 side by side, per-run checkpoint tables) and the three PNG plots into
-    ``out_dir``; returns the report's path. Plots nobody has data for are skipped and said so."""
+def until(document: dict[str, Any], n_edits: int, source: object = "run") -> dict[str, Any]:
+    """``document`` with only its checkpoints up to ``n_edits``, which must be one of them: a run read at a
+    common edit count (a 1000-edit run in a table of 500-edit runs)."""
+    counts = [c["n_edits"] for c in document["checkpoints"]]
+    if n_edits not in counts:
+        raise ValueError(
+            f"at: {source} has no checkpoint at {n_edits} edits (it has {counts}); choose one of those, or "
+            "leave it out to read each run's last checkpoint"
+        )
+    return {**document, "checkpoints": [c for c in document["checkpoints"] if c["n_edits"] <= n_edits]}
+
+
+def write_report(
+    run_dirs: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    *,
+    at: int | None = None,
+    rows: str = "name",
+) -> Path:
+    """Write ``report.md`` (Table 1 side by side, per-run checkpoint tables) and the PNG plots into
+    ``out_dir``; returns the report's path. Plots nobody has data for are skipped and said so.
+
+    ``at``: read every run at that checkpoint (tables, curves and model health stop there) instead of at its
+    last. ``rows``: label Table 1's rows by run name or by method (:func:`table_rows`)."""
     if not run_dirs:
         raise ValueError("run_dirs: give at least one run directory")
+    if rows not in ROW_LABELS:
+        raise ValueError(f"rows: use 'name' or 'method', not {rows!r}")
     documents = [read_metrics(d) for d in run_dirs]
+    if at is not None:
+        documents = [until(d, at, Path(r) / METRICS_FILE) for d, r in zip(documents, run_dirs, strict=True)]
+    table = markdown_table(table_rows(documents, rows))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     legend = _legend(documents)
 
     lines = ["# Editing report", "", "## Table 1", ""]
     lines.append(
-        "Final checkpoint of each run, in %. CounterFact *top*: the target is the greedy prediction; *larger*: "
-        "it is more probable than the other answer; ZsRE: token-level top-1 accuracy, Spe. = predictions on "
-        "`loc` unchanged from the unedited model. Definitions: docs/metrics.md."
+        ("Final checkpoint of each run" if at is None else f"Each run at {at} edits")
+        + ", in %. CounterFact *top*: the target is the greedy prediction; *larger*: it is more probable than "
+        "the other answer; ZsRE: token-level top-1 accuracy, Spe. = predictions on `loc` unchanged from the "
+        "unedited model. Definitions: docs/metrics.md."
     )
-    lines += ["", markdown_table(table_rows(documents)), "", "## Curves", ""]
+    lines += ["", table, "", "## Curves", ""]
     for plot, (title, ylabel) in PLOTS.items():
         curves = _curves(documents, plot, legend)
         if curves:
