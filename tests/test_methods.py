@@ -692,6 +692,37 @@ def test_prune_bounds_the_singular_values_of_the_accumulated_change():
     assert torch.equal(method.compose(0, base, updates), composed)  # and back: bit for bit the first write
 
 
+def test_prune_continues_its_sum_write_after_write_with_the_bits_of_a_sum_from_scratch():
+    from deltaedit.methods import PRUNE, PRUNEConfig
+
+    base = torch.diag(torch.tensor([2.0, 1.0, 0.5, 0.25])) @ torch.eye(4, 9)
+    updates = [LowRankUpdate(rand(4, 1, seed=180 + i) * 3, rand(9, 1, seed=190 + i), None) for i in range(6)]
+    live = PRUNE(PRUNEConfig(layers=(0,)))
+    # edit after edit, an undo (a shorter list), a failed write (a candidate that is then replaced), the rest
+    for count in (1, 2, 3, 4, 2, 3, 5, 6):
+        fresh = PRUNE(PRUNEConfig(layers=(0,)))
+        assert torch.equal(live.compose(0, base, updates[:count]), fresh.compose(0, base, updates[:count])), count
+    other = LowRankUpdate(rand(4, 1, seed=199), rand(9, 1, seed=198), None)
+    live.compose(0, base, [*updates[:3], other])
+    assert torch.equal(
+        live.compose(0, base, updates[:4]), PRUNE(PRUNEConfig(layers=(0,))).compose(0, base, updates[:4])
+    )
+
+
+def test_prune_restraint_equals_the_full_svd_form():
+    from deltaedit.methods.base import restrain_change
+
+    for shape in ((12, 7), (7, 12)):
+        change = rand(*shape, seed=200) * 4
+        u, s, vh = torch.linalg.svd(change.double(), full_matrices=False)
+        s_max = torch.tensor(2.5, dtype=torch.float64)
+        for function, mapped in (("log", s_max + torch.log(s / s_max)), ("linear", (s + s_max) / 2)):
+            expected = (u * torch.where(s > s_max, mapped, s)) @ vh
+            assert torch.allclose(restrain_change(change, s_max, function).double(), expected, atol=1e-5), shape
+    small = rand(5, 4, seed=201) * 1e-3
+    assert restrain_change(small, torch.tensor(1.0, dtype=torch.float64)) is small  # nothing above s_max
+
+
 def test_rect_keeps_the_stated_fraction_of_entries_by_relative_change():
     from deltaedit.methods import RECT, RECTConfig
     from deltaedit.updates import SparseUpdate
