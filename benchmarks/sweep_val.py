@@ -91,6 +91,12 @@ VARIANTS: dict[str, tuple[str, str | None, list[str]]] = {
         ["constraint=targeted", "lr=1.0", "trigger=always", "orthogonality=one_sided"],
     ),
     "fast-lr1-onesided": ("deltaedit", "paper", ["constraint=targeted", "lr=1.0", "orthogonality=one_sided"]),
+    # the baselines' target search: the published step (0.5, the locate block's) against AlphaEdit's and
+    # DeltaEdit's SmolLM2 value 1.0; PRUNE and RECT are MEMIT with a hook and take MEMIT's choice
+    "memit": ("memit", None, []),
+    "memit-lr1": ("memit", None, ["lr=1.0"]),
+    "rome": ("rome", None, []),
+    "rome-lr1": ("rome", None, ["lr=1.0"]),
 }
 
 
