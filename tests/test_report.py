@@ -97,7 +97,7 @@ def test_write_report(tmp_path):
     # specificity_larger is None at 100 edits: the last checkpoint that has it (50 edits) stands
     assert table_row(report, "deltaedit") == [*delta, "100"]
 
-    for name in ("efficacy_top.png", "noise_E.png", "ktb.png"):
+    for name in ("efficacy_top.png", "noise_E.png", "ktb.png", "zsre_efficacy.png", "zsre_generalization.png"):
         data = (out / name).read_bytes()
         assert data.startswith(PNG_SIGNATURE)
         pixels = image.imread(out / name)

@@ -45,11 +45,18 @@ PLOTS = {
     "efficacy_top.png": ("Efficacy (top) vs number of edits (Figure 1)", "CounterFact Efficacy top"),
     "generalization_top.png": ("Generalization (top) vs number of edits", "CounterFact Generalization top"),
     "zsre_efficacy.png": ("ZsRE efficacy vs number of edits", "ZsRE Efficacy"),
+    "zsre_generalization.png": ("ZsRE generalization vs number of edits", "ZsRE Generalization"),
     "noise_E.png": ("noise_E at the critical layer (Figure 4a)", "noise_E"),
     "ktb.png": ("Wrong activation k^T beta at the critical layer (Figure 2)", "k^T beta"),
     "triggered.png": ("Share of edits the method's constraint fired on", "triggered"),
 }
-PERCENT_PLOTS = {"efficacy_top.png", "generalization_top.png", "zsre_efficacy.png", "triggered.png"}
+PERCENT_PLOTS = {
+    "efficacy_top.png",
+    "generalization_top.png",
+    "zsre_efficacy.png",
+    "zsre_generalization.png",
+    "triggered.png",
+}
 
 
 class RunFileError(ValueError):
@@ -221,6 +228,7 @@ def _curve_value(checkpoint: dict[str, Any], plot: str) -> float | None:
         "efficacy_top.png": ("counterfact", "efficacy_top"),
         "generalization_top.png": ("counterfact", "generalization_top"),
         "zsre_efficacy.png": ("zsre", "efficacy"),
+        "zsre_generalization.png": ("zsre", "generalization"),
     }.get(plot)
     if metric is not None:
         return _metric(checkpoint, *metric)
