@@ -91,6 +91,9 @@ VARIANTS: dict[str, tuple[str, str | None, list[str]]] = {
         ["constraint=targeted", "lr=1.0", "trigger=always", "orthogonality=one_sided"],
     ),
     "fast-lr1-onesided": ("deltaedit", "paper", ["constraint=targeted", "lr=1.0", "orthogonality=one_sided"]),
+    # the research preset at today's step (de-research ran at 0.5): on the reported zsRE stream it was the best
+    # DeltaEdit variant (docs/results.md), so it is measured where defaults are chosen
+    "research-lr1": ("deltaedit", "research", ["lr=1.0"]),
     # the baselines' target search: the published step (0.5, the locate block's) against AlphaEdit's and
     # DeltaEdit's SmolLM2 value 1.0; PRUNE and RECT are MEMIT with a hook and take MEMIT's choice
     "memit": ("memit", None, []),
