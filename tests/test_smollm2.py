@@ -180,14 +180,15 @@ def test_every_method_makes_one_edit_the_greedy_answer(smollm2, stats_store, met
     assert all(torch.equal(out_weight(editor.parts.out_projs[i]), w) for i, w in editor.original_weights.items())
 
 
-def test_the_learning_rate_chosen_for_alphaedit_and_deltaedit_stays_theirs(smollm2):
-    """lr 1.0 was measured on counterfact-val for AlphaEdit and DeltaEdit only (docs/defaults-smollm2.md); the
-    other locate-then-edit methods keep the locate block's 0.5, and DeltaEdit's presets choose only its own options."""
+def test_the_learning_rate_measured_for_memit_reaches_its_family_and_not_rome(smollm2):
+    """lr 1.0 was measured on counterfact-val for MEMIT, AlphaEdit and DeltaEdit (docs/defaults-smollm2.md);
+    PRUNE and RECT are MEMIT with a hook and take it, ROME (derived from MEMIT in code) keeps its own 0.5, and
+    DeltaEdit's presets choose only its own options."""
     model, _ = smollm2
     rates = {
         name: default_config(model, METHODS[name]).lr
         for name in ("alphaedit", "deltaedit", "memit", "rome", "prune", "rect")
     }
-    assert rates == {"alphaedit": 1.0, "deltaedit": 1.0, "memit": 0.5, "rome": 0.5, "prune": 0.5, "rect": 0.5}
+    assert rates == {"alphaedit": 1.0, "deltaedit": 1.0, "memit": 1.0, "rome": 0.5, "prune": 1.0, "rect": 1.0}
     assert default_config(model, METHODS["deltaedit"], preset="research").lr == 1.0
     assert default_config(model, METHODS["deltaedit"]).constraint == "targeted"
