@@ -40,6 +40,7 @@ TABLE_COLUMNS = (
     ("ZsRE", "Gen.", "zsre", "generalization"),
     ("ZsRE", "Spe.", "zsre", "specificity"),
 )
+TABLE_GROUPS = {group for _, _, group, _ in TABLE_COLUMNS}
 # plot file -> (title, y label); the value each plot reads is chosen in _curve_value
 PLOTS = {
     "efficacy_top.png": ("Efficacy (top) vs number of edits (Figure 1)", "CounterFact Efficacy top"),
@@ -193,6 +194,8 @@ def table_rows(documents: Sequence[dict[str, Any]], rows_by: str = "name") -> li
         row = rows.setdefault(key, {"model": key[0], "label": key[1], "values": {}, "edits": []})
         values, last = _final_metrics(document)
         for group, metrics in values.items():
+            if group not in TABLE_GROUPS:  # e.g. "stream", which every dataset has: not a Table 1 column
+                continue
             other = sources.setdefault((*key, group), run_label(run))
             if group in row["values"]:  # a second run with the same row's figures would hide the first
                 raise ValueError(
