@@ -315,8 +315,6 @@ def write_report(
     last. ``rows``: label Table 1's rows by run name or by method (:func:`table_rows`)."""
     if not run_dirs:
         raise ValueError("run_dirs: give at least one run directory")
-    if rows not in ROW_LABELS:
-        raise ValueError(f"rows: use 'name' or 'method', not {rows!r}")
     documents = [read_metrics(d) for d in run_dirs]
     if at is not None:
         documents = [until(d, at, Path(r) / METRICS_FILE) for d, r in zip(documents, run_dirs, strict=True)]

@@ -294,7 +294,7 @@ def restrain_change(change: torch.Tensor, s_max: torch.Tensor, function: str = "
     the growth of the edited matrix's condition number however many edits accumulate."""
     # Only the few singular values above s_max change, so the change is corrected on their triplets alone,
     # found from the eigenvalues of the smaller Gram matrix (in float64 the large singular values come out
-    # to full precision): a tenth of a full SVD's time on a 1536 x 576 layer.
+    # to full precision): about a third of a full SVD's time on a 1536 x 576 layer.
     c = change.double()
     wide = c.shape[0] < c.shape[1]
     eigenvalues, vectors = torch.linalg.eigh(c @ c.T if wide else c.T @ c)
