@@ -182,7 +182,7 @@ def test_every_method_makes_one_edit_the_greedy_answer(smollm2, stats_store, met
 
 def test_the_learning_rate_measured_for_memit_reaches_its_family_and_not_rome(smollm2):
     """lr 1.0 was measured on counterfact-val for MEMIT, AlphaEdit and DeltaEdit (docs/defaults-smollm2.md);
-    PRUNE and RECT are MEMIT with a hook and take it, ROME (derived from MEMIT in code) keeps its own 0.5, and
+    PRUNE and RECT are MEMIT with a hook and take it, ROME (derived from MEMIT in code) keeps its own measured 0.5, and
     DeltaEdit's presets choose only its own options."""
     model, _ = smollm2
     rates = {
