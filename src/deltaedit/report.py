@@ -311,8 +311,9 @@ def write_report(
     """Write ``report.md`` (Table 1 side by side, per-run checkpoint tables) and the PNG plots into
     ``out_dir``; returns the report's path. Plots nobody has data for are skipped and said so.
 
-    ``at``: read every run at that checkpoint (tables, curves and model health stop there) instead of at its
-    last. ``rows``: label Table 1's rows by run name or by method (:func:`table_rows`)."""
+    ``at``: read every run at that checkpoint (tables, curves and model health stop there; the t-SNE panel
+    shows the hidden states the run kept, labelled with their own edit count) instead of at its last.
+    ``rows``: label Table 1's rows by run name or by method (:func:`table_rows`)."""
     if not run_dirs:
         raise ValueError("run_dirs: give at least one run directory")
     documents = [read_metrics(d) for d in run_dirs]
