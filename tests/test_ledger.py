@@ -502,6 +502,27 @@ def test_a_ledger_from_a_version_with_fewer_options_resumes(tokenizer, corpus_fi
         make_editor(tokenizer, corpus_file, ledger=run, sparsify=0.5)
 
 
+def test_a_ledger_from_before_key_average_resumes_with_the_flat_keys_it_was_made_with(tokenizer, corpus_file, tmp_path):
+    """key_average's default is MEMIT's grouped mean, but every ledger written before the option existed used
+    the flat mean: such a ledger resumes flat (recorded_before), and an editor with today's default is refused."""
+    run = tmp_path / "run"
+    editor = make_editor(tokenizer, corpus_file, ledger=run, key_average="flat")
+    editor.edit(REQUESTS[:2])
+    editor.close()
+    manifest = json.loads((run / "manifest.json").read_text())
+    older = {name: value for name, value in manifest["config"].items() if name != "key_average"}
+    manifest["config"] = older
+    manifest["config_fingerprint"] = hashlib.sha256(json.dumps(older, sort_keys=True).encode()).hexdigest()[:12]
+    (run / "manifest.json").write_text(json.dumps(manifest))
+
+    resumed = Editor.resume(run, new_model(), tokenizer, progress=False)
+    assert resumed.config.key_average == "flat"
+    assert same_params(resumed.model, params(editor.model))
+    resumed.close()
+    with pytest.raises(LedgerError, match="records method 'deltaedit' with config"):
+        make_editor(tokenizer, corpus_file, ledger=run)  # grouped, today's default on a model without defaults
+
+
 # --- export and import --------------------------------------------------------------------------------
 
 

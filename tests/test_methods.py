@@ -615,6 +615,8 @@ def test_config_unknown_option_names_the_field():
         ({"ema_delta": 1.5}, "ema_delta"),
         ({"cap_fraction": 0.0}, "cap_fraction"),
         ({"nullspace_mode": "both"}, "nullspace_mode"),
+        ({"key_average": "median"}, "key_average"),
+        ({"restrain_base": 1.0}, "restrain_base"),
     ],
 )
 def test_config_validation_names_the_field(options, field):
@@ -719,6 +721,9 @@ def test_prune_restraint_equals_the_full_svd_form():
         for function, mapped in (("log", s_max + torch.log(s / s_max)), ("linear", (s + s_max) / 2)):
             expected = (u * torch.where(s > s_max, mapped, s)) @ vh
             assert torch.allclose(restrain_change(change, s_max, function).double(), expected, atol=1e-5), shape
+        # PRUNE's alpha: F(s) = s_max + log_1.2(s / s_max), a looser restraint than the natural log's
+        expected = (u * torch.where(s > s_max, s_max + torch.log(s / s_max) / math.log(1.2), s)) @ vh
+        assert torch.allclose(restrain_change(change, s_max, "log", 1.2).double(), expected, atol=1e-5), shape
     small = rand(5, 4, seed=201) * 1e-3
     assert restrain_change(small, torch.tensor(1.0, dtype=torch.float64)) is small  # nothing above s_max
 

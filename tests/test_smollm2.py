@@ -192,3 +192,13 @@ def test_the_learning_rate_measured_for_memit_reaches_its_family_and_not_rome(sm
     assert rates == {"alphaedit": 1.0, "deltaedit": 1.0, "memit": 1.0, "rome": 0.5, "prune": 1.0, "rect": 1.0}
     assert default_config(model, METHODS["deltaedit"], preset="research").lr == 1.0
     assert default_config(model, METHODS["deltaedit"]).constraint == "targeted"
+
+
+def test_smollm2_keeps_the_flat_key_mean_its_reported_runs_used(smollm2):
+    """MEMIT's family publishes the grouped mean (the class default); SmolLM2's defaults keep the flat mean of
+    every reported run until the grouped one is measured on counterfact-val (docs/defaults-smollm2.md)."""
+    model, _ = smollm2
+    for name in ("alphaedit", "deltaedit", "memit", "rome", "prune", "rect"):
+        assert default_config(model, METHODS[name]).key_average == "flat", name
+    assert METHODS["memit"].config_class().key_average == "grouped"
+    assert METHODS["rome"].config_class(layers=(3,)).key_average == "flat"

@@ -20,7 +20,7 @@ from tokenizers import processors
 
 from deltaedit.models import find_parts
 from deltaedit.requests import EditRequest
-from deltaedit.target import LowPrecisionCopies, TargetSettings, optimize_target
+from deltaedit.target import LowPrecisionCopies, TargetSettings, optimize_target, read_keys
 
 SETTINGS = TargetSettings(steps=8, lr=0.5, weight_decay=1e-3, clamp_norm_factor=4.0, kl_factor=0.0625, stop_prob=1.0)
 CONTEXTS = ["", "The old city was small . ", "I lived there . "]
@@ -160,3 +160,23 @@ def test_project_moments_keeps_adams_first_moment_inside_the_subspace(tokenizer,
         (state,) = optimizers[-1].state.values()
         moments.append((basis.T @ state["exp_avg"]).norm() / state["exp_avg"].norm())
     assert moments[0] > 1e-3 and moments[1] < 1e-5  # outside the subspace only without the option
+
+
+def test_key_average_weighs_the_bare_prompt_as_memit_or_flat(tokenizer):
+    """ "grouped" (MEMIT's compute_ks): the bare prompt one half, its prefixed copies the other; "flat" (ROME's
+    compute_u): one mean. Both from the same per-prompt keys; an unknown name is refused naming the option."""
+    model = tiny_model("llama")
+    parts = find_parts(model)
+    requests = [EditRequest("The capital of {} is", "France", "Rome"), EditRequest("{} plays", "Messi", "chess")]
+    flat = read_keys(model, parts, tokenizer, requests, CONTEXTS, [1], key_average="flat")
+    grouped = read_keys(model, parts, tokenizer, requests, CONTEXTS, [1], key_average="grouped")
+    per_prompt = flat.per_context[1].T.reshape(len(requests), len(CONTEXTS), -1)  # request-major, bare first
+    assert torch.allclose(flat.keys[1], per_prompt.mean(1).T, atol=1e-6)
+    expected = 0.5 * per_prompt[:, 0] + 0.5 * per_prompt[:, 1:].mean(1)
+    assert torch.allclose(grouped.keys[1], expected.T, atol=1e-6)
+    assert not torch.allclose(grouped.keys[1], flat.keys[1], atol=1e-4)
+    assert torch.equal(grouped.per_context[1], flat.per_context[1])
+    bare = read_keys(model, parts, tokenizer, requests, [""], [1], key_average="grouped")  # one prompt: its key
+    assert torch.allclose(bare.keys[1], per_prompt[:, 0].T, atol=1e-5)
+    with pytest.raises(ValueError, match="key_average"):
+        read_keys(model, parts, tokenizer, requests, CONTEXTS, [1], key_average="median")

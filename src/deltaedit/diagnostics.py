@@ -170,10 +170,10 @@ def erosion(editor, batch_size: int = 16) -> dict[str, Any]:
     requests = [request for edit in applied for request in edit.requests]
     layers = sorted({layer for edit in applied for layer, update in edit.updates.items() if update.keys is not None})
     now: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
+    average = getattr(editor.config, "key_average", "flat")  # the keys the edits were made with
     for start in range(0, len(requests), batch_size):
-        read = read_keys(
-            editor.model, editor.parts, editor.tokenizer, requests[start : start + batch_size], editor.contexts, layers
-        )
+        batch = requests[start : start + batch_size]
+        read = read_keys(editor.model, editor.parts, editor.tokenizer, batch, editor.contexts, layers, average)
         for layer in layers:
             now[layer].append(read.keys[layer])
     d_model = editor.parts.d_model

@@ -586,7 +586,7 @@ class Editor:
     @staticmethod
     def _settings_from(manifest: dict[str, Any]) -> dict[str, Any]:
         method_cls = method_class(manifest["method"])
-        return {"method": method_cls.name, "config": method_cls.config_class.from_dict(manifest["config"])}
+        return {"method": method_cls.name, "config": method_cls.config_class.from_recorded(manifest["config"])}
 
     @classmethod
     def resume(

@@ -119,7 +119,7 @@ def apply_edits(model, path: str | os.PathLike) -> list[int]:
     manifest, entries = read_edits_file(path)
     check_base_model(manifest, fingerprint(model), path, layer_digests(model, manifest.get("base_layers") or {}))
     method_cls = method_class(manifest["method"])
-    method = method_cls(method_cls.config_class.from_dict(manifest["config"]))
+    method = method_cls(method_cls.config_class.from_recorded(manifest["config"]))
     live = active_edits(entries)
     updates = [entry.updates() for entry in live]
     parts = find_parts(model)

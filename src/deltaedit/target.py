@@ -118,10 +118,13 @@ def frozen(model: nn.Module):
             p.requires_grad_(flag)
 
 
+KEY_AVERAGES = ("flat", "grouped")
+
+
 class KeyRead(NamedTuple):
     """What one key-reading pass returns (float32, on each layer's device)."""
 
-    keys: dict[int, torch.Tensor]  # layer -> context-averaged keys (d_ff x n)
+    keys: dict[int, torch.Tensor]  # layer -> context-averaged keys (d_ff x n), weighted by ``key_average``
     z: torch.Tensor | None  # the block output at z_layer on the bare prompt (d_model x n), if asked
     per_context: dict[int, torch.Tensor]  # layer -> keys of every prompt (d_ff x n*c, request-major, bare first)
 
@@ -134,9 +137,16 @@ def read_keys(
     contexts: Sequence[str],
     layers: Sequence[int],
     z_layer: int | None = None,
+    key_average: str = "flat",
 ) -> KeyRead:
     """Keys at ``layers`` and, if asked, the block output at ``z_layer`` on the plain prompt. One forward pass
-    over all prompts, stopped after the highest layer read."""
+    over all prompts, stopped after the highest layer read.
+
+    ``key_average`` weighs the prompts (``contexts[0]`` is the bare prompt): "flat", one mean over all of them
+    (ROME's compute_u); "grouped", the bare prompt one half and the prefixed prompts together the other half
+    (MEMIT's compute_ks, which AlphaEdit and DeltaEdit reuse)."""
+    if key_average not in KEY_AVERAGES:
+        raise ValueError(f"key_average: use one of {KEY_AVERAGES}, not {key_average!r}")
     encoded = [encode(tokenizer, r.prompt, r.subject, prefix=c) for r in requests for c in contexts]
     batch = pad([e.ids for e in encoded], pad_id(tokenizer), input_device(model))
     subject = torch.tensor([e.subject_index for e in encoded], device=batch.input_ids.device)
@@ -152,7 +162,11 @@ def read_keys(
     keys, per_context = {}, {}
     for i in layers:
         at_subject = keys_in[i][rows.to(keys_in[i].device), subject.to(keys_in[i].device)].float()
-        keys[i] = at_subject.reshape(n, c, -1).mean(1).T.contiguous()
+        per_prompt = at_subject.reshape(n, c, -1)
+        if key_average == "grouped" and c > 1:
+            keys[i] = (0.5 * per_prompt[:, 0] + 0.5 * per_prompt[:, 1:].mean(1)).T.contiguous()
+        else:
+            keys[i] = per_prompt.mean(1).T.contiguous()
         per_context[i] = at_subject.T.contiguous()
     z = None
     if z_layer is not None:

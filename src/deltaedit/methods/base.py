@@ -43,7 +43,9 @@ class MethodConfig:
     seed: makes context prefixes and any sampling reproducible.
     restrain: "prune" restrains the accumulated change of each layer as PRUNE does (Ma et al., 2024): singular
         values of W - W0 above W0's largest one, s_max, become s_max + log(s / s_max) ("log") or
-        (s + s_max) / 2 ("linear", restrain_function); "none" keeps the plain sum.
+        (s + s_max) / 2 ("linear", restrain_function); "none" keeps the plain sum. restrain_base: the log's base
+        α, PRUNE's hyperparameter F(s) = s_max + log_α(s) - log_α(s_max) (e, its code's func_log; it tunes α
+        per method and model, e.g. 1.2, which lets the change grow further above s_max).
     sparsify: keep only this fraction of each update's entries, those of largest relative change |dW| / |W|,
         and zero the rest, as RECT does (Gu et al., 2024: 0.2); 0 keeps the update whole.
     """
@@ -52,7 +54,12 @@ class MethodConfig:
     seed: int = 0
     restrain: str = "none"
     restrain_function: str = "log"
+    restrain_base: float = math.e
     sparsify: float = 0.0
+
+    # Options added after ledgers were written whose published default is not what ran before them: the value a
+    # recorded config without the option was made with, so an old ledger replays and continues exactly.
+    recorded_before: ClassVar[dict[str, Any]] = {}
 
     def __post_init__(self) -> None:
         self.layers = tuple(int(x) for x in self.layers)
@@ -64,6 +71,8 @@ class MethodConfig:
             raise ValueError(f"restrain: use 'none' or 'prune', not {self.restrain!r}")
         if self.restrain_function not in ("log", "linear"):
             raise ValueError(f"restrain_function: use 'log' or 'linear', not {self.restrain_function!r}")
+        if not self.restrain_base > 1:
+            raise ValueError(f"restrain_base: the log's base must be > 1, not {self.restrain_base}")
         if not 0 <= self.sparsify < 1:
             raise ValueError("sparsify: a fraction in [0, 1): the share of an update's entries to keep (0: all)")
         for option in dataclasses.fields(self):
@@ -92,13 +101,15 @@ class MethodConfig:
 
         Why: a ledger written by an earlier version lacks the options added since, and its fingerprint
         hashes only the options it knew. It is the same config when those options hash to that
-        fingerprint and every option added since is at its default (which keeps the earlier behaviour).
+        fingerprint and every option added since has the value that ran before it (its default, or
+        ``recorded_before``).
         """
         options = dataclasses.fields(self)
         if set(recorded) - {f.name for f in options}:
             return False
         for option in options:
-            if option.name not in recorded and getattr(self, option.name) != _default(option):
+            before = self.recorded_before.get(option.name, _default(option))
+            if option.name not in recorded and getattr(self, option.name) != before:
                 return False
         return self.fingerprint(recorded) == fingerprint
 
@@ -109,6 +120,13 @@ class MethodConfig:
         if unknown:
             raise ValueError(f"{unknown[0]}: not an option of {cls.__name__}; options: {sorted(names)}")
         return cls(**data)
+
+    @classmethod
+    def from_recorded(cls, data: dict[str, Any]) -> MethodConfig:
+        """The config a ledger or edits file recorded: an option it lacks takes the value that ran before the
+        option existed (``recorded_before``), not today's default."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls.from_dict({**{k: v for k, v in cls.recorded_before.items() if k in names}, **data})
 
     def replace(self, **changes: Any) -> MethodConfig:
         return dataclasses.replace(self, **changes)
@@ -238,7 +256,7 @@ class EditMethod:
             return summed(base, list(updates))
         total = self._running_sum(layer, base, list(updates))
         return base.float() + restrain_change(
-            total - base.float(), self._base_norm(layer, base), self.config.restrain_function
+            total - base.float(), self._base_norm(layer, base), self.config.restrain_function, self.config.restrain_base
         )
 
     def _running_sum(self, layer: int, base: torch.Tensor, updates: list[Update]) -> torch.Tensor:
@@ -288,9 +306,11 @@ def heuristic_layers(n_layers: int) -> tuple[int, ...]:
     return tuple(range(last - count + 1, last + 1))
 
 
-def restrain_change(change: torch.Tensor, s_max: torch.Tensor, function: str = "log") -> torch.Tensor:
+def restrain_change(
+    change: torch.Tensor, s_max: torch.Tensor, function: str = "log", base: float = math.e
+) -> torch.Tensor:
     """PRUNE's restraint: singular values of ``change`` above ``s_max`` (the unedited weight's largest) are
-    mapped to s_max + log(s / s_max) ("log") or (s + s_max) / 2 ("linear"); the singular vectors stay. Bounds
+    mapped to s_max + log_base(s / s_max) ("log") or (s + s_max) / 2 ("linear"); the singular vectors stay. Bounds
     the growth of the edited matrix's condition number however many edits accumulate."""
     # Only the few singular values above s_max change, so the change is corrected on their triplets alone,
     # found from the eigenvalues of the smaller Gram matrix (in float64 the large singular values come out
@@ -303,6 +323,10 @@ def restrain_change(change: torch.Tensor, s_max: torch.Tensor, function: str = "
     if not bool(big.any()):
         return change
     s, vectors = s[big], vectors[:, big]
-    restrained = s_max + torch.log(s / s_max) if function == "log" else (s + s_max) / 2
+    if function == "log":
+        log = torch.log(s / s_max)
+        restrained = s_max + (log if base == math.e else log / math.log(base))
+    else:
+        restrained = (s + s_max) / 2
     left, right = (vectors, c.T @ vectors / s) if wide else (c @ vectors / s, vectors)
     return (c + (left * (restrained - s)) @ right.T).to(change.dtype)

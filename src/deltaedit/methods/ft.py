@@ -1,5 +1,5 @@
-"""FT: fine-tune one MLP's output projection on the new target (FT-L, the constrained baseline of ROME, MEMIT
-and AlphaEdit's comparisons; the unconstrained FT as an option).
+"""FT: fine-tune one MLP's output projection on the new target (FT-L, the constrained baseline of ROME's and
+MEMIT's comparisons; the unconstrained FT, which AlphaEdit's published FT hyperparameters use, as an option).
 
 Adam on a change ``D`` of one layer's W_out (the model's own weight stays as it is while optimizing: ``D`` is
 added to the projection's output by a hook), minimizing the target's negative log-likelihood on the edit

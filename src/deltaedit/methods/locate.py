@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 
 from ..models import DTYPES, parse_dtype
 from ..requests import EditFailure
-from ..target import HalfSpaces, LowPrecisionCopies, TargetSettings, optimize_target, read_keys
+from ..target import KEY_AVERAGES, HalfSpaces, LowPrecisionCopies, TargetSettings, optimize_target, read_keys
 from ..updates import LowRankUpdate
 from .base import Computed, Decision, EditContext, EditMethod, MethodConfig
 
@@ -35,7 +36,9 @@ class LocateConfig(MethodConfig):
         (Adam steps at most, learning rate, decay weight, max ||delta|| as a multiple of ||h||, weight of
         the KL term on the essence prompt, stop once the mean target probability reaches this). The
         defaults are MEMIT's and AlphaEdit's published ones (v_weight_decay 0.5, clamp_norm_factor 0.75,
-        kl_factor 0.0625, 25 steps); ROME's Llama3-8B hyperparameters use 1e-3 and 4.
+        kl_factor 0.0625, 25 steps). ROME's Llama3-8B hyperparameters use 1e-3 and 4, but against the MLP
+        output's norm, where δ is added in ROME's compute_v; here every method adds δ to the block output and
+        both scale with ||h||, the larger norm, so the same numbers bound δ more loosely than in ROME.
     kl_position: where the KL term reads the essence prompt "{subject} is a": "subject" (its subject's last
         token, as MEMIT, AlphaEdit and DeltaEdit do) or "last" (its last token).
     search_dtype: the precision of the target search's matrix multiplies in the frozen blocks above the
@@ -43,6 +46,9 @@ class LocateConfig(MethodConfig):
         steps on a CPU with bfloat16 instructions, with slightly different target vectors (measured in
         docs/performance.md); the weights, the lower blocks, the loss and the solves keep their precision.
     n_contexts / context_tokens: short generated prefixes the keys and target are averaged over.
+    key_average: how the key weighs the prompts: "grouped", the bare prompt one half and its prefixed copies
+        the other (MEMIT's compute_ks, which AlphaEdit and DeltaEdit reuse), or "flat", one mean over all
+        (ROME's compute_u).
     stats_samples / stats_max_length / stats_corpus: key second-moment statistics (C0); corpus
         ``None`` means Wikipedia under $DELTAEDIT_DATA if present, else text the model generates.
     """
@@ -57,9 +63,12 @@ class LocateConfig(MethodConfig):
     search_dtype: str = "float32"
     n_contexts: int = 5
     context_tokens: int = 10
+    key_average: str = "grouped"
     stats_samples: int = 2000
     stats_max_length: int = 128
     stats_corpus: str | None = None
+
+    recorded_before: ClassVar[dict[str, Any]] = {"key_average": "flat"}  # every run before the option was flat
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -70,6 +79,8 @@ class LocateConfig(MethodConfig):
             raise ValueError("stop_prob: must be in (0, 1]")
         if self.kl_position not in ("subject", "last"):
             raise ValueError(f"kl_position: use 'subject' or 'last', not {self.kl_position!r}")
+        if self.key_average not in KEY_AVERAGES:
+            raise ValueError(f"key_average: use one of {KEY_AVERAGES}, not {self.key_average!r}")
         if self.search_dtype not in DTYPES:
             raise ValueError(f"search_dtype: unknown {self.search_dtype!r}; use one of {sorted(DTYPES)}")
 
@@ -127,7 +138,10 @@ class LocateThenEdit(EditMethod):
         culprit = requests[0] if len(requests) == 1 else tuple(requests)
         prefixes = self.prefixes(context)
         # the first layer's keys and the critical output, read before any weight changes, serve its solve too
-        first_read = read_keys(model, parts, tokenizer, requests, prefixes, sorted({layers[0], critical}), critical)
+        average = config.key_average
+        first_read = read_keys(
+            model, parts, tokenizer, requests, prefixes, sorted({layers[0], critical}), critical, average
+        )
         try:
             projector, decision = self.influence_projector(first_read.keys[critical], first_read.per_context[critical])
         except torch.linalg.LinAlgError as err:
@@ -161,7 +175,7 @@ class LocateThenEdit(EditMethod):
             layer_keys, z_now, _ = (
                 first_read
                 if position == 0
-                else read_keys(model, parts, tokenizer, requests, prefixes, [layer], critical)
+                else read_keys(model, parts, tokenizer, requests, prefixes, [layer], critical, average)
             )
             device = parts.out_projs[layer].weight.device
             # MEMIT's spread: each layer takes an equal share of what is still missing at the critical layer

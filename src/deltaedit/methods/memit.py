@@ -4,6 +4,10 @@ Each edited layer takes its share of the residual and solves ``Delta = R K^T (la
 update maps the edit's keys to their residuals while changing the outputs of the keys the model already
 uses (second moment C0 = E[k k^T] over a text corpus) as little as possible. In factors, ``left = R`` and
 ``right = (lambda C0 + K K^T)^-1 K``. Sequential MEMIT keeps no memory of earlier edits' keys (AlphaEdit adds it).
+
+The solve is float32 where MEMIT's code casts to float64: on SmolLM2 (lambda 1000, layers 3-7) the system's
+condition number is 200-620 and the float32 update differs from the float64 one by under 1e-5 relative
+(measured on six counterfact-val edits), far below what changes a prediction.
 """
 
 from __future__ import annotations

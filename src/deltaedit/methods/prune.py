@@ -5,6 +5,11 @@ accumulated change W - W0 that exceed W0's largest singular value through a log 
 singular vectors (``MethodConfig.restrain``, applied by ``compose`` on every weight write, so undo and replay
 recompute exactly the same restrained weights). PRUNE is MEMIT with ``restrain="prune"``; any other method
 takes it with ``--set restrain=prune``.
+
+When: PRUNE's public code edits the whole sequence unrestrained and restrains W_n - W0 once before it
+evaluates. Here the restraint is part of every write, so each later edit is computed on the restrained model,
+which is the model a user editing one fact at a time has in hand; the two agree while no singular value of
+the change exceeds s_max. The log's base is ``restrain_base`` (e, the code's func_log; the paper tunes it).
 """
 
 from __future__ import annotations

@@ -4,6 +4,11 @@ Editing harms general abilities through large relative changes of a few weights;
 update with the largest |dW| / |W| and zeroes the rest (``MethodConfig.sparsify``, applied by
 ``finalize_update`` before the update is written, so it is stored sparse). RECT is MEMIT with sparsify=0.2;
 any other method takes it with ``--set sparsify=0.2``.
+
+Where: RECT's public code sparsifies ROME's one update once it is computed. In MEMIT's layer loop the hook runs
+on each layer's update before it is written, so the layers above measure (and make up) what the lower layers'
+sparsified updates left missing at the critical layer; sparsifying every layer's update only after all were
+computed would leave that part unwritten.
 """
 
 from __future__ import annotations

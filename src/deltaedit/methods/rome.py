@@ -22,9 +22,10 @@ from .memit import MEMIT
 @dataclass
 class ROMEConfig(LocateConfig):
     """layers: exactly one layer (ROME edits a single MLP). ridge: added to C's diagonal before it is inverted
-    (0, as ROME; raise it if C is singular for a model)."""
+    (0, as ROME; raise it if C is singular for a model). key_average: "flat", as ROME's compute_u."""
 
     ridge: float = 0.0
+    key_average: str = "flat"
 
     def __post_init__(self) -> None:
         super().__post_init__()
