@@ -194,11 +194,11 @@ def test_the_learning_rate_measured_for_memit_reaches_its_family_and_not_rome(sm
     assert default_config(model, METHODS["deltaedit"]).constraint == "targeted"
 
 
-def test_smollm2_keeps_the_flat_key_mean_its_reported_runs_used(smollm2):
-    """MEMIT's family publishes the grouped mean (the class default); SmolLM2's defaults keep the flat mean of
-    every reported run until the grouped one is measured on counterfact-val (docs/defaults-smollm2.md)."""
+def test_smollm2_reads_keys_as_memit_and_rome_do(smollm2):
+    """MEMIT's grouped mean (the bare prompt one half) for its family, measured on counterfact-val: DeltaEdit's
+    default 88.8 / 29.0 against 81.4 / 27.2 with the flat mean (docs/defaults-smollm2.md); ROME keeps its flat
+    compute_u mean."""
     model, _ = smollm2
-    for name in ("alphaedit", "deltaedit", "memit", "rome", "prune", "rect"):
-        assert default_config(model, METHODS[name]).key_average == "flat", name
-    assert METHODS["memit"].config_class().key_average == "grouped"
-    assert METHODS["rome"].config_class(layers=(3,)).key_average == "flat"
+    for name in ("alphaedit", "deltaedit", "memit", "prune", "rect"):
+        assert default_config(model, METHODS[name]).key_average == "grouped", name
+    assert default_config(model, METHODS["rome"]).key_average == "flat"
