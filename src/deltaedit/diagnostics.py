@@ -173,7 +173,9 @@ def erosion(editor, batch_size: int = 16) -> dict[str, Any]:
     average = getattr(editor.config, "key_average", "flat")  # the keys the edits were made with
     for start in range(0, len(requests), batch_size):
         batch = requests[start : start + batch_size]
-        read = read_keys(editor.model, editor.parts, editor.tokenizer, batch, editor.contexts, layers, average)
+        read = read_keys(
+            editor.model, editor.parts, editor.tokenizer, batch, editor.contexts, layers, key_average=average
+        )
         for layer in layers:
             now[layer].append(read.keys[layer])
     d_model = editor.parts.d_model

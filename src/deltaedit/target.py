@@ -137,6 +137,7 @@ def read_keys(
     contexts: Sequence[str],
     layers: Sequence[int],
     z_layer: int | None = None,
+    *,
     key_average: str = "flat",
 ) -> KeyRead:
     """Keys at ``layers`` and, if asked, the block output at ``z_layer`` on the plain prompt. One forward pass

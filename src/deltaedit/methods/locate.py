@@ -140,7 +140,7 @@ class LocateThenEdit(EditMethod):
         # the first layer's keys and the critical output, read before any weight changes, serve its solve too
         average = config.key_average
         first_read = read_keys(
-            model, parts, tokenizer, requests, prefixes, sorted({layers[0], critical}), critical, average
+            model, parts, tokenizer, requests, prefixes, sorted({layers[0], critical}), critical, key_average=average
         )
         try:
             projector, decision = self.influence_projector(first_read.keys[critical], first_read.per_context[critical])
@@ -175,7 +175,7 @@ class LocateThenEdit(EditMethod):
             layer_keys, z_now, _ = (
                 first_read
                 if position == 0
-                else read_keys(model, parts, tokenizer, requests, prefixes, [layer], critical, average)
+                else read_keys(model, parts, tokenizer, requests, prefixes, [layer], critical, key_average=average)
             )
             device = parts.out_projs[layer].weight.device
             # MEMIT's spread: each layer takes an equal share of what is still missing at the critical layer
