@@ -104,6 +104,14 @@ VARIANTS: dict[str, tuple[str, str | None, list[str]]] = {
     # every reported run gave it one sixth (a flat mean over the six prompts); both methods, today's defaults
     "fast-lr1-grouped": ("deltaedit", "paper", ["constraint=targeted", "lr=1.0", "key_average=grouped"]),
     "ae-lr1-grouped": ("alphaedit", None, ["lr=1.0", "key_average=grouped"]),
+    # DeltaEdit's variants again with the published key (it changed the ranking: AlphaEdit now leads by 1.6):
+    # the research preset, the constraint on every edit, a wider trigger, the research code's warm-up, the
+    # threshold that cannot lock in
+    "g-research-lr1": ("deltaedit", "research", ["lr=1.0", "key_average=grouped"]),
+    "g-always": ("deltaedit", "paper", ["constraint=targeted", "lr=1.0", "key_average=grouped", "trigger=always"]),
+    "g-eta5": ("deltaedit", "paper", ["constraint=targeted", "lr=1.0", "key_average=grouped", "eta=5"]),
+    "g-warmup20": ("deltaedit", "paper", ["constraint=targeted", "lr=1.0", "key_average=grouped", "warmup=20"]),
+    "g-clipped": ("deltaedit", "paper", ["constraint=targeted", "lr=1.0", "key_average=grouped", "ema_update=clipped"]),
 }
 
 
