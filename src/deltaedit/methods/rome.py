@@ -5,6 +5,10 @@ the layer's output, and C = E[k k^T]: ``u = C^-1 k``, ``Delta = r u^T / (u^T k)`
 and other keys move as little as C allows. The key that defines the update is the same averaged key the
 target residual is measured for: r-ROME's correction (Gupta et al., 2024) of the original code, whose update
 used one key and whose target value another, which is what made sequential ROME collapse.
+
+Prompts: ROME's published hyperparameters average its key and target over 20 generated prefixes (ten of 5
+tokens, ten of 10) and the bare prompt, one flat mean; here ROME shares MEMIT's five prefixes of 10 tokens
+(``n_contexts``, ``context_tokens``) and keeps the flat mean (``key_average="flat"``).
 """
 
 from __future__ import annotations
