@@ -170,8 +170,11 @@ def held_against(run_dir: Path, reference: Path, at: int | None = None) -> str:
 
 def edit_costs(run_dir: Path, n_edits: int) -> tuple[str, str]:
     """Mean optimizer steps and median seconds of the first ``n_edits`` edits, from the run's ledger: what a
-    cheaper-edit lever saves, apart from the evaluation that a checkpoint's time includes."""
+    cheaper-edit lever saves, apart from the evaluation that a checkpoint's time includes. Blank for the
+    metrics committed under docs/results/, which keep no ledger."""
     results = []
+    if not (run_dir / "index.jsonl").is_file():
+        return "", ""
     with open(run_dir / "index.jsonl") as index:
         for line in index:
             entry = json.loads(line)
@@ -195,7 +198,13 @@ def row(name: str, run_dir: Path, at: int | None = None) -> str | None:
     if not checkpoints:
         return None
     last = checkpoints[-1]
-    cf, stream, diag = last["metrics"]["counterfact"], last["metrics"].get("stream", {}), last["diagnostics"]
+    stream, diag = last["metrics"].get("stream", {}), last["diagnostics"]
+    if "counterfact" in last["metrics"]:
+        cf = last["metrics"]["counterfact"]
+        figures = [cf["efficacy_top"], cf["generalization_top"], cf["specificity_top"], cf["efficacy_larger"]]
+    else:  # zsRE: token-level top-1 accuracy in the "top" columns, no "larger" figure
+        zsre = last["metrics"]["zsre"]
+        figures = [zsre["efficacy"], zsre["generalization"], zsre["specificity"], None]
 
     def pct(value):
         return "" if value is None else f"{100 * value:.1f}"
@@ -204,10 +213,7 @@ def row(name: str, run_dir: Path, at: int | None = None) -> str | None:
     cells = [
         name,
         str(last["n_edits"]),
-        pct(cf["efficacy_top"]),
-        pct(cf["generalization_top"]),
-        pct(cf["specificity_top"]),
-        pct(cf["efficacy_larger"]),
+        *(pct(value) for value in figures),
         pct(stream.get("held_when_made")),
         pct(stream.get("kept_of_held")),
         str(stream.get("eroded", "")),
