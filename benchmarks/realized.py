@@ -58,7 +58,9 @@ def main() -> None:
         found.clear()
         result = editor.edit(request)[0]
         delta, z_before = found[0].delta.float(), found[0].z_init.float()
-        z_after = read_keys(model, editor.parts, tokenizer, [request], [""], [], critical).z[:, 0].float()
+        z_after = (
+            read_keys(model, editor.parts, tokenizer, [request], [""], [], critical, key_average="flat").z[:, 0].float()
+        )
         realized = float((z_after - z_before) @ delta / delta.dot(delta))
         miss = float((z_before + delta - z_after).norm() / delta.norm())
         rows.append((result.success, result.steps, found[0].train_prob, result.target_prob, realized, miss))

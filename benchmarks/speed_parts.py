@@ -122,8 +122,18 @@ def main() -> None:
 
         # 4. keys: the first edited layer's keys read in the pass that reads the critical layer's
         def separate() -> None:
-            read_keys(model, parts, tokenizer, [request], contexts, [config.critical_layer])
-            read_keys(model, parts, tokenizer, [request], contexts, [config.layers[0]], config.critical_layer)
+            average = config.key_average
+            read_keys(model, parts, tokenizer, [request], contexts, [config.critical_layer], key_average=average)
+            read_keys(
+                model,
+                parts,
+                tokenizer,
+                [request],
+                contexts,
+                [config.layers[0]],
+                config.critical_layer,
+                key_average=average,
+            )
 
         def merged() -> None:
             read_keys(
@@ -134,6 +144,7 @@ def main() -> None:
                 contexts,
                 [config.layers[0], config.critical_layer],
                 config.critical_layer,
+                key_average=config.key_average,
             )
 
         report("keys before the solve: two passes vs one shared pass", timed(separate, n), timed(merged, n))

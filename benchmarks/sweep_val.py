@@ -114,6 +114,11 @@ VARIANTS: dict[str, tuple[str, str | None, list[str]]] = {
     "g-clipped": ("deltaedit", "paper", ["constraint=targeted", "lr=1.0", "key_average=grouped", "ema_update=clipped"]),
 }
 
+# Every variant above "fast-lr1-grouped" was measured before key_average existed, with the flat key: it keeps
+# it, so a fresh folder reproduces its row of docs/defaults-smollm2.md (SmolLM2's default is now "grouped").
+_MEASURED_FLAT = list(VARIANTS)[: list(VARIANTS).index("fast-lr1-grouped")]
+VARIANTS.update({name: (*VARIANTS[name][:2], [*VARIANTS[name][2], "key_average=flat"]) for name in _MEASURED_FLAT})
+
 
 def command(name: str, out: Path, args: argparse.Namespace) -> list[str]:
     method, preset, sets = VARIANTS[name]

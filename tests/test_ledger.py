@@ -569,6 +569,33 @@ def test_save_edits_and_load_them_onto_a_fresh_base(tokenizer, corpus_file, tmp_
     assert same_params(Editor.resume(tmp_path / "run", new_model(), tokenizer).model, params(reference.model))
 
 
+def test_an_edits_file_from_before_key_average_loads_with_flat_keys(tokenizer, corpus_file, tmp_path):
+    """An edits file whose manifest predates key_average: from_edits continues with the flat keys it was made
+    with (its next edit equals the original editor's), apply_edits gives the same weights."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    editor = make_editor(tokenizer, corpus_file, key_average="flat")
+    editor.edit(REQUESTS[:2])
+    path = editor.save_edits(tmp_path / "edits.safetensors")
+    with safe_open(str(path), "pt") as handle:
+        metadata = handle.metadata()
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118 (a safetensors handle, not a dict)
+    manifest = json.loads(metadata["manifest"])
+    older = {name: value for name, value in manifest["config"].items() if name != "key_average"}
+    manifest["config"] = older
+    manifest["config_fingerprint"] = hashlib.sha256(json.dumps(older, sort_keys=True).encode()).hexdigest()[:12]
+    old_file = tmp_path / "old.safetensors"
+    save_file(tensors, str(old_file), metadata={**metadata, "manifest": json.dumps(manifest)})
+
+    loaded = Editor.from_edits(old_file, new_model(), tokenizer, progress=False)
+    assert loaded.config.key_average == "flat" and same_params(loaded.model, params(editor.model))
+    assert [comparable(r) for r in loaded.edit(REQUESTS[2:3])] == [comparable(r) for r in editor.edit(REQUESTS[2:3])]
+    bare = new_model()
+    assert apply_edits(bare, old_file) == [0, 1]
+    assert same_params(bare, params(Editor.from_edits(path, new_model(), tokenizer, progress=False).model))
+
+
 def test_edits_refuse_the_wrong_base_model_and_a_corrupt_file(tokenizer, corpus_file, tmp_path):
     editor = make_editor(tokenizer, corpus_file)
     editor.edit(REQUESTS[:2])

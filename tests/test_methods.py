@@ -615,13 +615,20 @@ def test_config_unknown_option_names_the_field():
         ({"ema_delta": 1.5}, "ema_delta"),
         ({"cap_fraction": 0.0}, "cap_fraction"),
         ({"nullspace_mode": "both"}, "nullspace_mode"),
-        ({"key_average": "median"}, "key_average"),
-        ({"restrain_base": 1.0}, "restrain_base"),
     ],
 )
 def test_config_validation_names_the_field(options, field):
     with pytest.raises(ValueError, match=f"^{field}:"):
         DeltaEditConfig.from_dict(options)
+
+
+def test_key_average_and_restrain_base_are_options_with_their_own_checks():
+    assert DeltaEditConfig(key_average="flat").key_average == "flat" and DeltaEditConfig().key_average == "grouped"
+    with pytest.raises(ValueError, match="^key_average: use one of"):
+        DeltaEditConfig(key_average="median")
+    assert DeltaEditConfig(restrain_base=1.2).restrain_base == 1.2
+    with pytest.raises(ValueError, match="^restrain_base: the log's base must be > 1"):
+        DeltaEditConfig(restrain_base=1.0)
 
 
 def test_config_round_trip_and_fingerprint():

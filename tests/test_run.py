@@ -11,6 +11,7 @@ test_cli.py.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -326,6 +327,26 @@ def test_a_health_run_is_extended_only_past_the_records_its_baseline_read(finish
     with pytest.raises(RunError, match="extended only from 40 edits on"):
         run(out, resume=True, n_edits=8, progress=False)
     assert kinds(out) == ["edit"] * 6
+
+
+def test_a_run_stopped_before_its_first_edit_resumes_with_the_config_its_manifest_recorded(finished, assets, tmp_path):
+    """Killed before its first ledger line, a run has its manifest and run.json only. The resume takes method and
+    config from the manifest, so one written before key_average existed goes on with the flat keys it recorded
+    (today's default would be refused as another config)."""
+    out = copy_run(finished.dir, tmp_path)
+    (out / "index.jsonl").unlink()
+    (out / "metrics.json").unlink()
+    shutil.rmtree(out / "edits", ignore_errors=True)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["config"]["key_average"] == "grouped"
+    older = {name: value for name, value in manifest["config"].items() if name != "key_average"}
+    manifest["config"] = older
+    manifest["config_fingerprint"] = hashlib.sha256(json.dumps(older, sort_keys=True).encode()).hexdigest()[:12]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+
+    run(out, resume=True, progress=False)
+    editor = resumed(out, assets)
+    assert editor.config.key_average == "flat" and len(editor.applied) == finished.spec.n_edits
 
 
 def test_resume_after_a_kill_between_an_edit_and_its_checkpoint(finished, assets, tmp_path):

@@ -584,7 +584,8 @@ class Editor:
         check_base_model(manifest, self.base_fingerprint, source, self.base_layers)
 
     @staticmethod
-    def _settings_from(manifest: dict[str, Any]) -> dict[str, Any]:
+    def settings_from(manifest: dict[str, Any]) -> dict[str, Any]:
+        """``method`` and ``config`` as a manifest recorded them (options it lacks at what ran before them)."""
         method_cls = method_class(manifest["method"])
         return {"method": method_cls.name, "config": method_cls.config_class.from_recorded(manifest["config"])}
 
@@ -606,7 +607,7 @@ class Editor:
         Raises BaseModelMismatchError (model untouched) for another base model, LedgerError for a damaged ledger.
         """
         ledger = path if isinstance(path, Ledger) else Ledger(path, create=False)
-        editor = cls(model, tokenizer, **cls._settings_from(ledger.require_manifest()), **kwargs)
+        editor = cls(model, tokenizer, **cls.settings_from(ledger.require_manifest()), **kwargs)
         editor._weights_only = weights_only
         editor._resume_from(ledger)
         return editor
@@ -643,7 +644,7 @@ class Editor:
         and config they were made with and their running state, ready to edit on. ``kwargs`` go to Editor
         (a ``ledger=`` records the loaded edits in a new run directory)."""
         manifest, entries = read_edits_file(path)
-        editor = cls(model, tokenizer, **cls._settings_from(manifest), **kwargs)
+        editor = cls(model, tokenizer, **cls.settings_from(manifest), **kwargs)
         editor._load(manifest, entries, path)
         return editor
 

@@ -447,16 +447,15 @@ def _run_locked(run_dir, spec, ledger, loaded, records, kind, handled, resume, p
             _extend_baseline(run_dir, model, tokenizer, records, kind, spec.eval_batch_size)  # before the replay
             editor = Editor.resume(ledger, model, tokenizer, data_dir=data_dir, progress=progress)
         else:
-            editor = Editor(
-                model,
-                tokenizer,
-                method=spec.method,
-                config={"seed": spec.seed, **spec.overrides},
-                preset=spec.preset,
-                data_dir=data_dir,
-                progress=progress,
-                ledger=ledger,
+            # a run stopped before its first ledger line continues with the method and config its manifest
+            # recorded, not with today's defaults
+            recorded = ledger.manifest() if resume else None
+            settings = (
+                Editor.settings_from(recorded)
+                if recorded
+                else {"method": spec.method, "config": {"seed": spec.seed, **spec.overrides}, "preset": spec.preset}
             )
+            editor = Editor(model, tokenizer, **settings, data_dir=data_dir, progress=progress, ledger=ledger)
             if starting:
                 write_atomic(contained(run_dir, "run.json"), json.dumps(asdict(spec), indent=2).encode())
             for error in loaded.rejected:

@@ -138,7 +138,7 @@ def read_keys(
     layers: Sequence[int],
     z_layer: int | None = None,
     *,
-    key_average: str = "flat",
+    key_average: str,
 ) -> KeyRead:
     """Keys at ``layers`` and, if asked, the block output at ``z_layer`` on the plain prompt. One forward pass
     over all prompts, stopped after the highest layer read.
