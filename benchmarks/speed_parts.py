@@ -121,31 +121,15 @@ def main() -> None:
         )
 
         # 4. keys: the first edited layer's keys read in the pass that reads the critical layer's
+        def keys(layers, z_layer=None) -> None:
+            read_keys(model, parts, tokenizer, [request], contexts, layers, z_layer, key_average=config.key_average)
+
         def separate() -> None:
-            average = config.key_average
-            read_keys(model, parts, tokenizer, [request], contexts, [config.critical_layer], key_average=average)
-            read_keys(
-                model,
-                parts,
-                tokenizer,
-                [request],
-                contexts,
-                [config.layers[0]],
-                config.critical_layer,
-                key_average=average,
-            )
+            keys([config.critical_layer])
+            keys([config.layers[0]], config.critical_layer)
 
         def merged() -> None:
-            read_keys(
-                model,
-                parts,
-                tokenizer,
-                [request],
-                contexts,
-                [config.layers[0], config.critical_layer],
-                config.critical_layer,
-                key_average=config.key_average,
-            )
+            keys([config.layers[0], config.critical_layer], config.critical_layer)
 
         report("keys before the solve: two passes vs one shared pass", timed(separate, n), timed(merged, n))
 
