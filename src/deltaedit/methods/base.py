@@ -125,8 +125,7 @@ class MethodConfig:
     def from_recorded(cls, data: dict[str, Any]) -> MethodConfig:
         """The config a ledger or edits file recorded: an option it lacks takes the value that ran before the
         option existed (``recorded_before``), not today's default."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls.from_dict({**{k: v for k, v in cls.recorded_before.items() if k in names}, **data})
+        return cls.from_dict({**cls.recorded_before, **data})
 
     def replace(self, **changes: Any) -> MethodConfig:
         return dataclasses.replace(self, **changes)
