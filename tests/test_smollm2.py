@@ -23,6 +23,7 @@ pytestmark = [
 from deltaedit import Editor, EditRequest, load_model  # noqa: E402
 from deltaedit.defaults import default_config  # noqa: E402
 from deltaedit.methods import METHODS  # noqa: E402
+from deltaedit.methods.deltaedit import DeltaEditConfig  # noqa: E402
 from deltaedit.models import cache_dir, out_weight  # noqa: E402
 from deltaedit.predict import score_answers  # noqa: E402
 
@@ -191,12 +192,21 @@ def test_the_learning_rate_measured_for_memit_reaches_its_family_and_not_rome(sm
     }
     assert rates == {"alphaedit": 1.0, "deltaedit": 1.0, "memit": 1.0, "rome": 0.5, "prune": 1.0, "rect": 1.0}
     assert default_config(model, METHODS["deltaedit"], preset="research").lr == 1.0
-    assert default_config(model, METHODS["deltaedit"]).constraint == "targeted"
+
+
+def test_deltaedit_on_smollm2_defaults_to_the_research_constraint(smollm2):
+    """The best DeltaEdit variant on counterfact-val with the published key (docs/defaults-smollm2.md): the research
+    preset's constraint at SmolLM2's learning rate; models without an entry keep the class default."""
+    model, _ = smollm2
+    default = default_config(model, METHODS["deltaedit"])
+    research = default_config(model, METHODS["deltaedit"], preset="research")
+    assert default == research and default.constraint == "history" and default.projection == "lowrank"
+    assert DeltaEditConfig().constraint == "targeted"
 
 
 def test_smollm2_reads_keys_as_memit_and_rome_do(smollm2):
     """MEMIT's grouped mean (the bare prompt one half) for its family, measured on counterfact-val: DeltaEdit's
-    default 88.8 / 29.0 against 81.4 / 27.2 with the flat mean (docs/defaults-smollm2.md); ROME keeps its flat
+    targeted variant 88.8 / 29.0 against 81.4 / 27.2 with the flat mean (docs/defaults-smollm2.md); ROME keeps its flat
     compute_u mean."""
     model, _ = smollm2
     for name in ("alphaedit", "deltaedit", "memit", "prune", "rect"):

@@ -12,8 +12,9 @@ computed and fed, and how the directions are found are options; the presets name
   ``v != 0``, warm-up 20, EMA from the first score with a non-empty history, randomized SVD of
   ``[Delta_hist k_e, Delta_hist]`` keeping at most d/4 directions with eigenvalue above 0.1;
 
-The default is the paper's trigger with ``constraint="targeted"`` (below): with SmolLM2's learning rate of 1.0
-for both methods, the DeltaEdit variant that beat AlphaEdit on counterfact-val (docs/defaults-smollm2.md).
+The class default is the paper's trigger with ``constraint="targeted"`` (below), the best variant on
+counterfact-val while keys were a flat mean of their prompts; with MEMIT's grouped key the research preset's
+constraint measured best, and SmolLM2's entry in defaults.yaml takes it (docs/defaults-smollm2.md).
 Two choices of this project, beyond the paper:
 
 * ``constraint="targeted"``: the cross term of eq. 16 for edit e is ``2 (k_e^T beta_e) alpha_e^T (Delta_hist
@@ -89,8 +90,8 @@ class DeltaEditConfig(AlphaEditConfig):
     project_moments: also project Adam's first moment after each step, not only the vector.
     """
 
-    # The defaults are the paper's trigger with the targeted constraint (chosen on counterfact-val,
-    # docs/defaults-smollm2.md)
+    # The class defaults are the paper's trigger with the targeted constraint (a model's entry in defaults.yaml
+    # may choose otherwise: SmolLM2's takes the research preset's; docs/defaults-smollm2.md)
     eta: float = 3.0
     ema_delta: float = 0.9
     warmup: int = 5
