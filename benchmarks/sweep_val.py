@@ -153,9 +153,10 @@ def run_one(name: str, out: Path, args: argparse.Namespace) -> str:
     return f"{name}: exit {code} after {(time.time() - started) / 60:.0f} min"
 
 
-def held_against(run_dir: Path, reference: Path, at: int | None = None) -> str:
-    """Edits (efficacy, top) that hold in only one of the two runs at the same length, and the exact two-sided
-    sign test of that split (McNemar's): how likely a split this uneven is if both hold as often."""
+def held_against(run_dir: Path, reference: Path, at: int | None = None, metric: str = "efficacy_top") -> str:
+    """Records better in only one of the two runs at the same length (for ``efficacy_top``: edits that hold in
+    only one), and the exact two-sided sign test of that split (McNemar's for a 0/1 figure): how likely a split
+    this uneven is if neither run is better. ``metric``: a per_record.json column, e.g. generalization_top."""
     from scipy.stats import binomtest
 
     paths = [d / "per_record.json" for d in (run_dir, reference)]
@@ -164,9 +165,9 @@ def held_against(run_dir: Path, reference: Path, at: int | None = None) -> str:
     mine, theirs = (json.loads(p.read_text()) for p in paths)
     if mine["n_edits"] != theirs["n_edits"] or at not in (None, mine["n_edits"]):
         return ""
-    holds = {r["case_id"]: r["efficacy_top"] >= 1 for r in theirs["records"]}
-    only_mine = sum(r["efficacy_top"] >= 1 and not holds[r["case_id"]] for r in mine["records"])
-    only_theirs = sum(r["efficacy_top"] < 1 and holds[r["case_id"]] for r in mine["records"])
+    reference_values = {r["case_id"]: r[metric] or 0 for r in theirs["records"]}
+    only_mine = sum((r[metric] or 0) > reference_values[r["case_id"]] for r in mine["records"])
+    only_theirs = sum((r[metric] or 0) < reference_values[r["case_id"]] for r in mine["records"])
     if only_mine + only_theirs == 0:
         return "0 / 0"
     p = binomtest(only_mine, only_mine + only_theirs).pvalue
