@@ -46,8 +46,8 @@ def preset_values(method_cls: type[EditMethod], preset: str | None) -> dict[str,
 def default_config(
     model, method_cls: type[EditMethod], overrides: dict[str, Any] | None = None, preset: str | None = None
 ) -> MethodConfig:
-    """The config for ``model``: its measured defaults (or the depth heuristic), then ``preset``, then
-    ``overrides``."""
+    """The config for ``model``: its measured defaults (or the depth heuristic; a block's ``preset`` first, then
+    the block's own values), then ``preset``, then ``overrides``."""
     values: dict[str, Any] = {}
     name = known_model(model)
     if name is not None:
@@ -55,7 +55,9 @@ def default_config(
         for klass in reversed(method_cls.__mro__):  # most general first: locate, memit, alphaedit, deltaedit
             block = klass.__dict__.get("name")
             if isinstance(block, str):
-                values.update(entry.get(block, {}))
+                options = dict(entry.get(block, {}))
+                values.update(preset_values(klass, options.pop("preset", None)))  # a block may name its preset
+                values.update(options)
     else:
         n_layers = getattr(model.config, "num_hidden_layers", None) or model.config.n_layer
         values["layers"] = method_cls.default_layers(n_layers)
