@@ -174,6 +174,44 @@ def held_against(run_dir: Path, reference: Path, at: int | None = None, metric: 
     return f"{only_mine} / {only_theirs} (p {p:.2f})"
 
 
+def by_decision(run_dir: Path, reference: Path) -> str:
+    """The same records in two runs, split by whether ``run_dir``'s constraint fired on their edit (its
+    ledger's decision): per group, edits kept / eroded / never held and mean generalization in each run. Says
+    whom the constraint costs: the edits it constrains, or the others it protects. ``run_dir`` needs its
+    ledger (a run folder, not the metrics under docs/results/); both need per_record.json at the same length."""
+    triggered: dict[str, bool] = {}
+    with open(run_dir / "index.jsonl") as index:
+        for line in index:
+            entry = json.loads(line)
+            if entry.get("kind") == "edit":
+                for request in entry["requests"]:
+                    triggered[request["case_id"]] = bool((entry.get("decision") or {}).get("triggered"))
+    mine, theirs = (json.loads((d / "per_record.json").read_text()) for d in (run_dir, reference))
+    if mine["n_edits"] != theirs["n_edits"]:
+        lengths = f"{mine['n_edits']} and {theirs['n_edits']}"
+        raise SystemExit(f"per_record.json at {lengths} edits: evaluate both at one length")
+    reference_rows = {r["case_id"]: r for r in theirs["records"]}
+
+    def counts(rows: list[dict]) -> str:
+        kept = sum(bool(r["held_when_made"] and r["holds_now"]) for r in rows)
+        eroded = sum(bool(r["held_when_made"] and not r["holds_now"]) for r in rows)
+        general = [r["generalization_top"] for r in rows if r.get("generalization_top") is not None]
+        mean = 100 * sum(general) / len(general) if general else float("nan")
+        return f"{kept} / {eroded} / {len(rows) - kept - eroded} | {mean:.1f}"
+
+    lines = [
+        f"| {run_dir.name}'s constraint | edits | {run_dir.name}: kept / eroded / never held | gen. "
+        f"| {reference.name}: kept / eroded / never held | gen. |",
+        "|---|---:|---|---:|---|---:|",
+    ]
+    for fired, label in ((True, "fired"), (False, "did not fire")):
+        rows = [r for r in mine["records"] if triggered.get(r["case_id"]) is fired]
+        if rows:
+            others = [reference_rows[r["case_id"]] for r in rows]
+            lines.append(f"| {label} | {len(rows)} | {counts(rows)} | {counts(others)} |")
+    return "\n".join(lines)
+
+
 def edit_costs(run_dir: Path, n_edits: int) -> tuple[str, str]:
     """Mean optimizer steps and median seconds of the first ``n_edits`` edits, from the run's ledger: what a
     cheaper-edit lever saves, apart from the evaluation that a checkpoint's time includes. Blank for the
