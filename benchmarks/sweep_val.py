@@ -195,7 +195,8 @@ def by_decision(run_dir: Path, reference: Path) -> str:
     def counts(rows: list[dict]) -> str:
         kept = sum(bool(r["held_when_made"] and r["holds_now"]) for r in rows)
         eroded = sum(bool(r["held_when_made"] and not r["holds_now"]) for r in rows)
-        general = [r["generalization_top"] for r in rows if r.get("generalization_top") is not None]
+        name = "generalization_top" if "generalization_top" in rows[0] else "generalization"  # zsRE: tokens
+        general = [r[name] for r in rows if r.get(name) is not None]
         mean = 100 * sum(general) / len(general) if general else float("nan")
         return f"{kept} / {eroded} / {len(rows) - kept - eroded} | {mean:.1f}"
 
