@@ -179,13 +179,15 @@ def by_decision(run_dir: Path, reference: Path) -> str:
     ledger's decision): per group, edits kept / eroded / never held and mean generalization in each run. Says
     whom the constraint costs: the edits it constrains, or the others it protects. ``run_dir`` needs its
     ledger (a run folder, not the metrics under docs/results/); both need per_record.json at the same length."""
-    triggered: dict[str, bool] = {}
-    with open(run_dir / "index.jsonl") as index:
-        for line in index:
-            entry = json.loads(line)
-            if entry.get("kind") == "edit":
-                for request in entry["requests"]:
-                    triggered[request["case_id"]] = bool((entry.get("decision") or {}).get("triggered"))
+    from erosion import GROUPS, group_of  # kept / eroded / never held: one rule for both scripts
+
+    from deltaedit.ledger import Ledger
+
+    triggered = {
+        request.case_id: edit.decision().triggered
+        for edit in Ledger(run_dir, create=False).active_edits()
+        for request in edit.requests()
+    }
     mine, theirs = (json.loads((d / "per_record.json").read_text()) for d in (run_dir, reference))
     if mine["n_edits"] != theirs["n_edits"]:
         lengths = f"{mine['n_edits']} and {theirs['n_edits']}"
@@ -193,12 +195,11 @@ def by_decision(run_dir: Path, reference: Path) -> str:
     reference_rows = {r["case_id"]: r for r in theirs["records"]}
 
     def counts(rows: list[dict]) -> str:
-        kept = sum(bool(r["held_when_made"] and r["holds_now"]) for r in rows)
-        eroded = sum(bool(r["held_when_made"] and not r["holds_now"]) for r in rows)
+        groups = [group_of(r) for r in rows]
         name = "generalization_top" if "generalization_top" in rows[0] else "generalization"  # zsRE: tokens
         general = [r[name] for r in rows if r.get(name) is not None]
         mean = 100 * sum(general) / len(general) if general else float("nan")
-        return f"{kept} / {eroded} / {len(rows) - kept - eroded} | {mean:.1f}"
+        return " / ".join(str(groups.count(g)) for g in GROUPS) + f" | {mean:.1f}"
 
     lines = [
         f"| {run_dir.name}'s constraint | edits | {run_dir.name}: kept / eroded / never held | gen. "
