@@ -215,19 +215,14 @@ def by_decision(run_dir: Path, reference: Path) -> str:
 
 
 def edit_costs(run_dir: Path, n_edits: int) -> tuple[str, str]:
-    """Mean optimizer steps and median seconds of the first ``n_edits`` edits, from the run's ledger: what a
-    cheaper-edit lever saves, apart from the evaluation that a checkpoint's time includes. Blank for the
-    metrics committed under docs/results/, which keep no ledger."""
-    results = []
+    """Mean optimizer steps and median seconds of the first ``n_edits`` edits in force, from the run's ledger:
+    what a cheaper-edit lever saves, apart from the evaluation that a checkpoint's time includes. Blank for
+    the metrics committed under docs/results/, which keep no ledger."""
+    from deltaedit.ledger import Ledger
+
     if not (run_dir / "index.jsonl").is_file():
         return "", ""
-    with open(run_dir / "index.jsonl") as index:
-        for line in index:
-            entry = json.loads(line)
-            if entry.get("kind") == "edit":
-                results.append(entry["result"])
-                if len(results) == n_edits:
-                    break
+    results = [edit.data["result"] for edit in Ledger(run_dir, create=False).active_edits()[:n_edits]]
     if not results:
         return "", ""
     seconds = sorted(r["seconds"] for r in results)
