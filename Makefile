@@ -20,6 +20,7 @@ demo: $(BIN)/.installed  ## apply the built-in counterfactual edits to SmolLM2 a
 
 test: $(BIN)/.installed  ## lint, then the whole test suite (SmolLM2 integration tests included)
 	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q tests
 
 wheel-check: $(BIN)/.installed  ## build the wheel, install it into an empty virtualenv and run deltaedit there
