@@ -263,6 +263,34 @@ def test_report_of_a_run(finished, tmp_path):
         assert f"]({plot})" in text
 
 
+def test_the_record_by_record_comparisons_that_results_quote(finished, tmp_path, monkeypatch):
+    """benchmarks/sweep_val's sign test, split by the constraint's decision and edit costs, read from two runs'
+    per_record.json and the ledger: a record changed in one copy moves exactly that record between groups."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from sweep_val import by_decision, edit_costs, held_against
+
+    other = copy_run(finished.dir, tmp_path)
+    document = json.loads((other / "per_record.json").read_text())
+    flipped = document["records"][0]
+    flipped["efficacy_top"] = 1.0 - flipped["efficacy_top"]
+    flipped["holds_now"] = not flipped["holds_now"]
+    (other / "per_record.json").write_text(json.dumps(document))
+    mine_better = flipped["efficacy_top"] == 0.0
+    assert held_against(finished.dir, other) == ("1 / 0 (p 1.00)" if mine_better else "0 / 1 (p 1.00)")
+    assert held_against(finished.dir, finished.dir) == ""  # a run against itself says nothing
+    assert held_against(finished.dir, other, metric="specificity_top") == "0 / 0"
+
+    entries = Ledger(finished.dir).active_edits()
+    fired = sum(e.decision().triggered for e in entries)
+    table = by_decision(finished.dir, other).splitlines()[2:]
+    sizes = {line.split("|")[1].strip(): int(line.split("|")[2]) for line in table}
+    assert fired > 0 and sizes.get("fired", 0) == fired and sizes.get("did not fire", 0) == 6 - fired
+
+    steps, median_seconds = edit_costs(finished.dir, 4)
+    assert float(steps) == pytest.approx(sum(e.data["result"]["steps"] for e in entries[:4]) / 4, abs=0.05)
+    assert float(median_seconds) > 0 and edit_costs(tmp_path / "no-such-run", 4) == ("", "")
+
+
 def test_an_existing_run_is_refused_then_replaced_with_force(finished, assets, tmp_path):
     out = copy_run(finished.dir, tmp_path)
     before = (out / "index.jsonl").read_bytes()
