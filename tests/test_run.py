@@ -271,7 +271,7 @@ def test_the_record_by_record_comparisons_that_results_quote(finished, tmp_path,
 
     other = copy_run(finished.dir, tmp_path)
     document = json.loads((other / "per_record.json").read_text())
-    flipped = document["records"][0]
+    flipped = next(r for r in document["records"] if r["held_when_made"])  # kept <-> eroded
     flipped["efficacy_top"] = 1.0 - flipped["efficacy_top"]
     flipped["holds_now"] = not flipped["holds_now"]
     (other / "per_record.json").write_text(json.dumps(document))
@@ -283,8 +283,15 @@ def test_the_record_by_record_comparisons_that_results_quote(finished, tmp_path,
     entries = Ledger(finished.dir).active_edits()
     fired = sum(e.decision().triggered for e in entries)
     table = by_decision(finished.dir, other).splitlines()[2:]
-    sizes = {line.split("|")[1].strip(): int(line.split("|")[2]) for line in table}
+    cells = [[cell.strip() for cell in line.strip("|").split("|")] for line in table]
+    sizes = {row[0]: int(row[1]) for row in cells}
     assert fired > 0 and sizes.get("fired", 0) == fired and sizes.get("did not fire", 0) == 6 - fired
+
+    def groups(column: int) -> list[int]:  # kept, eroded, never held, summed over both rows
+        return [sum(int(row[column].split(" / ")[g]) for row in cells) for g in range(3)]
+
+    moved = 1 if mine_better else -1  # the flipped record is kept in exactly one of the two runs
+    assert [a - b for a, b in zip(groups(2), groups(4), strict=True)] == [moved, -moved, 0]
 
     steps, median_seconds = edit_costs(finished.dir, 4)
     assert float(steps) == pytest.approx(sum(e.data["result"]["steps"] for e in entries[:4]) / 4, abs=0.05)
