@@ -220,7 +220,7 @@ def edit_costs(run_dir: Path, n_edits: int) -> tuple[str, str]:
     the metrics committed under docs/results/, which keep no ledger."""
     from deltaedit.ledger import Ledger
 
-    if not (run_dir / "index.jsonl").is_file():
+    if not (run_dir / Ledger.INDEX).is_file():  # committed metrics keep no ledger
         return "", ""
     results = [edit.data["result"] for edit in Ledger(run_dir, create=False).active_edits()[:n_edits]]
     if not results:
