@@ -84,6 +84,8 @@ def rss_of(pid: int) -> float:
 
 def run_command(args: argparse.Namespace) -> None:
     """`deltaedit run` in a child process; its RSS is read from /proc whenever the ledger gains an edit."""
+    from deltaedit.ledger import Ledger
+
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run"
         command = [
@@ -97,7 +99,7 @@ def run_command(args: argparse.Namespace) -> None:
         reported = -1
         while child.poll() is None:
             time.sleep(0.5)
-            index = out / "index.jsonl"
+            index = out / Ledger.INDEX
             edits = index.read_bytes().count(b'"kind":"edit"') if index.is_file() else 0
             if edits != reported and (edits % args.every == 0):
                 try:
