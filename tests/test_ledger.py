@@ -292,6 +292,8 @@ for i in range(start, start + 100000):
                               torch.randn(4096, 1, generator=g)) for l in (0, 1)}
     result = EditResult(i, (request,), 1, 0.5, True, 0.0)
     ledger.append(AppliedEdit(i, (request,), updates, Decision(), updates[1].keys, 1.0, result))
+    if i == start:
+        print("committed", flush=True)
     if i % 3 == 0:
         ledger.reject(request, "injected", "target_new")
 """
@@ -299,7 +301,8 @@ for i in range(start, start + 100000):
 
 def test_a_process_killed_at_any_moment_leaves_a_complete_ledger(tmp_path):
     """SIGKILL a writer at random moments; every indexed entry must then load with a valid checksum, and the
-    next writer continues the same ledger."""
+    next writer continues the same ledger. Each kill comes a while after the writer's first commit, so every
+    round adds entries however slow the machine is."""
     run = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
     seen = 0
@@ -308,6 +311,7 @@ def test_a_process_killed_at_any_moment_leaves_a_complete_ledger(tmp_path):
             [sys.executable, "-c", KILL_CHILD, str(run)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
         )
         assert child.stdout.readline().strip() == b"ready", child.stderr.read().decode()
+        assert child.stdout.readline().strip() == b"committed", child.stderr.read().decode()
         time.sleep(delay)
         child.send_signal(signal.SIGKILL)
         child.wait()
