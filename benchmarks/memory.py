@@ -97,9 +97,9 @@ def run_command(args: argparse.Namespace) -> None:
         print(f"deltaedit run, {args.method}, {args.threads} thread(s) (checkpoints at 50, 100, 200, ...)")
         print(f"{'edits':>6} {'RSS MiB':>9}")
         reported = -1
+        index = out / Ledger.INDEX
         while child.poll() is None:
             time.sleep(0.5)
-            index = out / Ledger.INDEX
             edits = index.read_bytes().count(b'"kind":"edit"') if index.is_file() else 0
             if edits != reported and (edits % args.every == 0):
                 try:
