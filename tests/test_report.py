@@ -77,9 +77,10 @@ def make_runs(tmp_path):
     return [tmp_path / "alpha", tmp_path / "delta", tmp_path / "delta-zsre"]
 
 
-def table_row(report: str, label: str) -> list[str]:
-    (line,) = [line for line in report.splitlines() if line.startswith(f"| gpt2-xl | {label} |")]
-    return [cell.strip() for cell in line.strip().strip("|").split("|")]
+def table_row(report: str, label: str, table: int = 0) -> list[str]:
+    """A row's cells in Table 1 (table 0) or its companion (table 1)."""
+    lines = [line for line in report.splitlines() if line.startswith(f"| gpt2-xl | {label} |")]
+    return [cell.strip() for cell in lines[table].strip().strip("|").split("|")]
 
 
 def test_write_report(tmp_path):
@@ -133,6 +134,7 @@ def test_report_rows_by_method(tmp_path):
     by_method = write_report(runs, tmp_path / "methods", rows="method").read_text()
     counterfact, zsre = ["90.00", "30.00", "80.00", "95.00", "50.00", "97.00"], ["70.00", "60.00", "80.00"]
     assert table_row(by_method, "memit")[2:] == [*counterfact, *zsre, "50"]
+    assert "### memit (counterfact)" in by_method and "### memit (zsre)" in by_method  # legends follow the rows
     # two CounterFact runs of one method cannot share a row: one would hide the other
     again = new_run_record("memit", "gpt2-xl", "counterfact", 50, name="memit-cf-lr1")
     add_checkpoint(again, 50, 1.0, cf(0.5, 0.3, 0.8, 0.95, 0.5, 0.97))
@@ -141,6 +143,46 @@ def test_report_rows_by_method(tmp_path):
         write_report([*runs, tmp_path / "again"], tmp_path / "bad", rows="method")
     with pytest.raises(ValueError, match="rows: use 'name' or 'method'"):
         write_report(runs, tmp_path / "bad", rows="dataset")
+
+
+def test_erosion_table_reads_each_dataset_from_its_own_run(tmp_path):
+    """The companion table: per dataset the lost edits and noise_E, and model health where it was measured,
+    each from the run that gives the row its figures on that dataset, at the checkpoint read."""
+    health = {
+        "perplexity": {"wikitext2": 34.237, "unedited": 27.614},
+        "general": {
+            "f1": {"sst2": 0.5},
+            "unedited": {"sst2": 0.5307},
+            "delta": {"sst2": -0.0307},
+            "mean_delta": -0.0307,
+        },
+        "fluency": {"entropy": 4.3, "entropy_unedited": 4.36},
+        "representations": {},
+    }
+    runs = []
+    for name, dataset, metrics, stream, noise in [
+        ("memit-cf", "counterfact", {**cf(0.9, 0.3, 0.8, 0.95, 0.5, 0.97), **health}, (8, 143), 2410.4),
+        ("memit-zsre", "zsre", {"zsre": {"efficacy": 0.2, "generalization": 0.1, "specificity": 0.3}}, (72, 412), 9125),
+    ]:
+        run = new_run_record("memit", "gpt2-xl", dataset, 100, name=name)
+        add_checkpoint(run, 50, 1.0, {**metrics, "stream": {"failed_when_made": 1, "eroded": 0}}, diag(5.0, 0.01))
+        stream_100 = {"failed_when_made": stream[0], "eroded": stream[1]}
+        add_checkpoint(run, 100, 2.0, {**metrics, "stream": stream_100}, diag(noise, 0.01))
+        write_metrics(tmp_path / name, run)
+        runs.append(tmp_path / name)
+    report = write_report(runs, tmp_path / "out", rows="method").read_text()
+    header = next(line for line in report.splitlines() if "CounterFact noise_E" in line)
+    assert header == (
+        "| Model | Method | CounterFact noise_E | CounterFact failed when made / eroded | CounterFact WikiText-2 ppl "
+        "(unedited) | CounterFact mean ΔF1 | ZsRE noise_E | ZsRE failed when made / eroded |"
+    )  # no zsRE health columns: that run has no health
+    assert table_row(report, "memit", 1)[2:] == ["2410", "8 / 143", "34.24 (27.61)", "-3.1", "9125", "72 / 412"]
+    at_50 = write_report(runs, tmp_path / "at50", at=50, rows="method").read_text()
+    assert table_row(at_50, "memit", 1)[2:] == ["5", "1 / 0", "34.24 (27.61)", "-3.1", "5", "1 / 0"]
+    plain = new_run_record("ft", "gpt2-xl", "counterfact", 10)
+    add_checkpoint(plain, 10, 1.0, cf(0.1, 0.1, 0.1, 0.5, 0.5, 0.5))  # nothing for the companion table
+    write_metrics(tmp_path / "plain", plain)
+    assert "failed when made" not in write_report([tmp_path / "plain"], tmp_path / "plain-out").read_text()
 
 
 def test_plots_without_data_are_skipped(tmp_path):

@@ -41,6 +41,21 @@ TABLE_COLUMNS = (
     ("ZsRE", "Spe.", "zsre", "specificity"),
 )
 TABLE_GROUPS = {group for _, _, group, _ in TABLE_COLUMNS}
+GROUP_TITLES = {"counterfact": "CounterFact", "zsre": "ZsRE"}
+# The companion table's columns, read from the run that gives a row its figures on one dataset, at the same
+# checkpoint: (column title, reader of that checkpoint -> cell text or None)
+EROSION_COLUMNS = (
+    ("noise_E", lambda c: _number((c.get("diagnostics") or {}).get("noise_E"), "{:.0f}")),
+    (
+        "failed when made / eroded",
+        lambda c: _pair(c.get("metrics", {}).get("stream", {}), "failed_when_made", "eroded"),
+    ),
+    (
+        "WikiText-2 ppl (unedited)",
+        lambda c: _with_unedited(c.get("metrics", {}).get("perplexity", {}), "wikitext2", "unedited", "{:.2f}"),
+    ),
+    ("mean ΔF1", lambda c: _points(c.get("metrics", {}).get("general", {}).get("mean_delta"))),
+)
 # plot file -> (title, y label); the value each plot reads is chosen in _curve_value
 PLOTS = {
     "efficacy_top.png": ("Efficacy (top) vs number of edits (Figure 1)", "CounterFact Efficacy top"),
@@ -191,11 +206,12 @@ def table_rows(documents: Sequence[dict[str, Any]], rows_by: str = "name") -> li
         run = document["run"]
         label = run_label(run) if rows_by == "name" else str(run.get("method") or "run")
         key = (str(run.get("model", "")), label)
-        row = rows.setdefault(key, {"model": key[0], "label": key[1], "values": {}, "edits": []})
+        row = rows.setdefault(key, {"model": key[0], "label": key[1], "values": {}, "edits": [], "extra": {}})
         values, last = _final_metrics(document)
         for group, metrics in values.items():
             if group not in TABLE_GROUPS:  # e.g. "stream", which every dataset has: not a Table 1 column
                 continue
+            row["extra"][group] = _extra_cells(document)
             other = sources.setdefault((*key, group), run_label(run))
             if group in row["values"]:  # a second run with the same row's figures would hide the first
                 raise ValueError(
@@ -225,6 +241,52 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _extra_cells(document: dict[str, Any]) -> dict[str, str]:
+    """The companion table's cells for one run: each column at the last checkpoint that has it."""
+    cells = {}
+    for title, read in EROSION_COLUMNS:
+        for checkpoint in reversed(document["checkpoints"]):
+            if text := read(checkpoint):
+                cells[title] = text
+                break
+    return cells
+
+
+def _points(fraction: Any) -> str:
+    return _number(100 * fraction, "{:+.1f}") if isinstance(fraction, int | float) else ""
+
+
+def _pair(values: dict[str, Any], first: str, second: str) -> str:
+    a, b = values.get(first), values.get(second)
+    return f"{a} / {b}" if isinstance(a, int) and isinstance(b, int) else ""
+
+
+def _with_unedited(values: dict[str, Any], edited: str, unedited: str, fmt: str) -> str:
+    text = _number(values.get(edited), fmt)
+    return f"{text} ({_number(values.get(unedited), fmt)})" if text and _number(values.get(unedited)) else text
+
+
+def erosion_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Table 1's companion: per dataset, the edits lost (failed when made, eroded since), noise_E at the critical
+    layer and, for runs measured with --health, perplexity and the general-capability change. Columns no row
+    has are left out; empty when no row has any."""
+    columns = [
+        (group, title)
+        for group in sorted(TABLE_GROUPS, key=[g for _, _, g, _ in TABLE_COLUMNS].index)
+        for title, _ in EROSION_COLUMNS
+        if any(row.get("extra", {}).get(group, {}).get(title) for row in rows)
+    ]
+    if not columns:
+        return ""
+    header = ["Model", "Method"] + [f"{GROUP_TITLES.get(group, group)} {title}" for group, title in columns]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * len(columns)) + "|"]
+    for row in rows:
+        cells = [row["model"], row["label"]]
+        cells += [row.get("extra", {}).get(group, {}).get(title, "") for group, title in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _curve_value(checkpoint: dict[str, Any], plot: str) -> float | None:
     diagnostics = checkpoint.get("diagnostics") or {}
     metric = {
@@ -250,10 +312,11 @@ def _curves(documents: Sequence[dict[str, Any]], plot: str, legend: list[str]) -
     return curves
 
 
-def _legend(documents: Sequence[dict[str, Any]]) -> list[str]:
-    """Run labels, with the model and dataset added only where they tell runs apart."""
+def _legend(documents: Sequence[dict[str, Any]], rows_by: str = "name") -> list[str]:
+    """Run labels as Table 1's rows name them, with the model and dataset added only where they tell runs
+    apart."""
     runs = [d["run"] for d in documents]
-    labels = [run_label(r) for r in runs]
+    labels = [run_label(r) if rows_by == "name" else str(r.get("method") or "run") for r in runs]
     for field in ("model", "dataset"):
         if len({str(r.get(field, "")) for r in runs}) > 1:
             labels = [f"{label} ({r.get(field, '?')})" for label, r in zip(labels, runs, strict=True)]
@@ -313,16 +376,18 @@ def write_report(
 
     ``at``: read every run at that checkpoint (tables, curves and model health stop there; the t-SNE panel
     shows the hidden states the run kept, labelled with their own edit count) instead of at its last.
-    ``rows``: label Table 1's rows by run name or by method (:func:`table_rows`)."""
+    ``rows``: label Table 1's rows, and the runs in legends and the health table, by run name or by method
+    (:func:`table_rows`)."""
     if not run_dirs:
         raise ValueError("run_dirs: give at least one run directory")
     documents = [read_metrics(d) for d in run_dirs]
     if at is not None:
         documents = [until(d, at, Path(r) / METRICS_FILE) for d, r in zip(documents, run_dirs, strict=True)]
-    table = markdown_table(table_rows(documents, rows))
+    table_1 = table_rows(documents, rows)
+    table, erosion = markdown_table(table_1), erosion_table(table_1)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    legend = _legend(documents)
+    legend = _legend(documents, rows)
 
     lines = ["# Editing report", "", "## Table 1", ""]
     lines.append(
@@ -331,7 +396,18 @@ def write_report(
         "the other answer; ZsRE: token-level top-1 accuracy, Spe. = predictions on `loc` unchanged from the "
         "unedited model. Definitions: docs/metrics.md."
     )
-    lines += ["", table, "", "## Curves", ""]
+    lines += ["", table, ""]
+    if erosion:
+        lines += [
+            "The same rows: edits whose target was not the greedy prediction right after they were made (zsRE: not "
+            "every answer token the argmax) and edits that held then and no longer hold, noise_E at the critical "
+            "layer, and for runs measured with `--health` WikiText-2 perplexity and the mean change of macro F1 "
+            "over the six general tasks, in points.",
+            "",
+            erosion,
+            "",
+        ]
+    lines += ["## Curves", ""]
     for plot, (title, ylabel) in PLOTS.items():
         curves = _curves(documents, plot, legend)
         if curves:
@@ -509,10 +585,10 @@ def _run_summary(run: dict[str, Any], run_dir: str | os.PathLike) -> str:
     return f"`{run_dir}` - " + ", ".join(fields)
 
 
-def _number(value: Any) -> str:
-    if not isinstance(value, int | float) or not math.isfinite(value):
+def _number(value: Any, fmt: str = "{:.4g}") -> str:
+    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
         return ""
-    return f"{value:.4g}"
+    return fmt.format(value)
 
 
 def _checkpoint_table(document: dict[str, Any]) -> str:
@@ -547,5 +623,6 @@ __all__ = [
     "write_report",
     "table_rows",
     "markdown_table",
+    "erosion_table",
     "RunFileError",
 ]
