@@ -173,6 +173,11 @@ def run_label(run: dict[str, Any]) -> str:
     return str(run.get("name") or run.get("method") or "run")
 
 
+def _row_label(run: dict[str, Any], rows_by: str) -> str:
+    """How Table 1 and the legends name a run: by its name, or by its method (one row per method)."""
+    return run_label(run) if rows_by == "name" else str(run.get("method") or "run")
+
+
 def _metric(checkpoint: dict[str, Any], group: str, name: str) -> float | None:
     value = checkpoint.get("metrics", {}).get(group, {}).get(name)
     return value if isinstance(value, int | float) and math.isfinite(value) else None
@@ -204,7 +209,7 @@ def table_rows(documents: Sequence[dict[str, Any]], rows_by: str = "name") -> li
     sources: dict[tuple[str, str, str], str] = {}  # (model, label, metrics group) -> the run that filled it
     for document in documents:
         run = document["run"]
-        label = run_label(run) if rows_by == "name" else str(run.get("method") or "run")
+        label = _row_label(run, rows_by)
         key = (str(run.get("model", "")), label)
         row = rows.setdefault(key, {"model": key[0], "label": key[1], "values": {}, "edits": [], "extra": {}})
         values, last = _final_metrics(document)
@@ -316,7 +321,7 @@ def _legend(documents: Sequence[dict[str, Any]], rows_by: str = "name") -> list[
     """Run labels as Table 1's rows name them, with the model and dataset added only where they tell runs
     apart."""
     runs = [d["run"] for d in documents]
-    labels = [run_label(r) if rows_by == "name" else str(r.get("method") or "run") for r in runs]
+    labels = [_row_label(r, rows_by) for r in runs]
     for field in ("model", "dataset"):
         if len({str(r.get(field, "")) for r in runs}) > 1:
             labels = [f"{label} ({r.get(field, '?')})" for label, r in zip(labels, runs, strict=True)]
