@@ -213,10 +213,11 @@ def table_rows(documents: Sequence[dict[str, Any]], rows_by: str = "name") -> li
         key = (str(run.get("model", "")), label)
         row = rows.setdefault(key, {"model": key[0], "label": key[1], "values": {}, "edits": [], "extra": {}})
         values, last = _final_metrics(document)
+        extra = _extra_cells(document)
         for group, metrics in values.items():
             if group not in TABLE_GROUPS:  # e.g. "stream", which every dataset has: not a Table 1 column
                 continue
-            row["extra"][group] = _extra_cells(document)
+            row["extra"][group] = extra
             other = sources.setdefault((*key, group), run_label(run))
             if group in row["values"]:  # a second run with the same row's figures would hide the first
                 raise ValueError(
@@ -267,8 +268,8 @@ def _pair(values: dict[str, Any], first: str, second: str) -> str:
 
 
 def _with_unedited(values: dict[str, Any], edited: str, unedited: str, fmt: str) -> str:
-    text = _number(values.get(edited), fmt)
-    return f"{text} ({_number(values.get(unedited), fmt)})" if text and _number(values.get(unedited)) else text
+    text, base = _number(values.get(edited), fmt), _number(values.get(unedited), fmt)
+    return f"{text} ({base})" if text and base else text
 
 
 def erosion_table(rows: Sequence[dict[str, Any]]) -> str:
