@@ -5,6 +5,7 @@ tens of kB, so the growth per edit beyond that is allocator slack or a leak. Pri
 
     DELTAEDIT_DATA=../shared/data python benchmarks/memory.py --n-edits 100              # both paths
     DELTAEDIT_DATA=../shared/data python benchmarks/memory.py --mode editor --no-trim    # without malloc_trim
+    DELTAEDIT_DATA=../shared/data python benchmarks/memory.py --mode editor --method ft --ledger   # FT, mapped
 
 The editor path also prints the bytes of live tensors (every tensor the garbage collector can see, each
 storage once) and of what the Editor retains for its edits, so a leak of tensors and allocator slack can be
@@ -39,13 +40,33 @@ def live_tensor_mb() -> float:
     return total / 2**20
 
 
-def retained_mb(editor) -> float:
-    """Bytes the Editor keeps for its applied edits (each update's own tensors: factors, keys, a mask...)."""
-    total = 0
+def file_maps() -> list[tuple[int, int]]:
+    """The address ranges this process maps from files (Linux; empty elsewhere)."""
+    try:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return []
+    ranges = []
+    for line in lines:
+        fields = line.split()
+        if len(fields) > 5 and fields[5].startswith("/"):
+            low, high = (int(x, 16) for x in fields[0].split("-"))
+            ranges.append((low, high))
+    return ranges
+
+
+def retained_mb(editor) -> tuple[float, float]:
+    """MiB the Editor keeps for its applied edits (each update's own tensors: factors, keys, a mask...), and
+    how much of it is mapped from the ledger's files rather than held in memory."""
+    maps = file_maps()
+    total = mapped = 0
     for applied in editor.applied:
         for update in applied.updates.values():
-            total += sum(t.nbytes for t in update.tensors().values())
-    return total / 2**20
+            for tensor in update.tensors().values():
+                total += tensor.nbytes
+                if any(low <= tensor.data_ptr() < high for low, high in maps):
+                    mapped += tensor.nbytes
+    return total / 2**20, mapped / 2**20
 
 
 def editor_loop(args: argparse.Namespace) -> None:
@@ -59,20 +80,25 @@ def editor_loop(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model)
     records = load_records("counterfact-val", None, limit=args.n_edits).records
-    editor = Editor(model, tokenizer, method=args.method, progress=False, trim_memory=not args.no_trim)
-    editor.prepare()
-    print(f"editor loop, {args.method}, malloc_trim {'off' if args.no_trim else 'on'}, {args.threads} thread(s)")
-    print(f"{'edits':>6} {'RSS MiB':>9} {'live tensors MiB':>17} {'retained MiB':>13} {'s/edit':>7}")
-    print(f"{0:>6} {resident_mb():>9.0f} {live_tensor_mb():>17.1f} {0.0:>13.2f}")
-    started = time.perf_counter()
-    for done, record in enumerate(records, 1):
-        editor.edit([record])
-        if done % args.every == 0 or done == len(records):
-            rate = (time.perf_counter() - started) / done
-            print(
-                f"{done:>6} {resident_mb():>9.0f} {live_tensor_mb():>17.1f} {retained_mb(editor):>13.2f} {rate:>7.2f}",
-                flush=True,
-            )
+    with tempfile.TemporaryDirectory() as tmp:
+        ledger = Path(tmp) / "run" if args.ledger else None
+        with Editor(
+            model, tokenizer, method=args.method, ledger=ledger, progress=False, trim_memory=not args.no_trim
+        ) as editor:
+            editor.prepare()
+            trim, kept_in = "off" if args.no_trim else "on", "ledger" if ledger else "memory only"
+            print(f"editor loop, {args.method}, {kept_in}, malloc_trim {trim}, {args.threads} thread(s)")
+            columns = ("edits", 6), ("RSS MiB", 9), ("live tensors MiB", 17), ("retained MiB", 13), ("mapped", 7)
+            print(" ".join(f"{name:>{width}}" for name, width in columns), f"{'s/edit':>7}")
+            print(f"{0:>6} {resident_mb():>9.0f} {live_tensor_mb():>17.1f} {0.0:>13.2f} {0.0:>7.2f}")
+            started = time.perf_counter()
+            for done, record in enumerate(records, 1):
+                editor.edit([record])
+                if done % args.every == 0 or done == len(records):
+                    rate = (time.perf_counter() - started) / done
+                    kept, mapped = retained_mb(editor)
+                    figures = f"{resident_mb():>9.0f} {live_tensor_mb():>17.1f} {kept:>13.2f} {mapped:>7.2f}"
+                    print(f"{done:>6} {figures} {rate:>7.2f}", flush=True)
 
 
 def rss_of(pid: int) -> float:
@@ -119,6 +145,9 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=10, help="print every N edits")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-trim", action="store_true", help="editor loop without malloc_trim after edits")
+    parser.add_argument(
+        "--ledger", action="store_true", help="editor loop with a ledger (FT's and RECT's updates are then mapped)"
+    )
     args = parser.parse_args()
     if args.mode in ("editor", "both"):
         editor_loop(args)

@@ -12,6 +12,7 @@ method is held to it by adding its registry line):
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -29,6 +30,7 @@ from test_run import (
 
 from deltaedit import Editor, Ledger, RequestError, apply_edits
 from deltaedit.cli import main
+from deltaedit.diagnostics import diagnose
 from deltaedit.methods import METHODS
 from deltaedit.models import find_parts, out_weight
 
@@ -134,3 +136,48 @@ def test_a_killed_run_resumes_to_the_uninterrupted_weights(method, tokenizer, tm
         assert torch.equal(
             out_weight(find_parts(first.model).out_projs[layer]), out_weight(find_parts(second.model).out_projs[layer])
         ), layer
+
+
+def _mapped_file(tensor: torch.Tensor) -> str | None:
+    """The file whose memory map holds ``tensor``'s data (Linux's /proc/self/maps), None for ordinary memory."""
+    address = tensor.data_ptr()
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            low, high = (int(x, 16) for x in fields[0].split("-"))
+            if low <= address < high:
+                return fields[5] if len(fields) > 5 and fields[5].startswith("/") else None
+    return None
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the memory maps of Linux's /proc")
+@pytest.mark.parametrize("method", ["ft", "rect"])
+def test_layer_sized_updates_are_held_by_their_ledger_files(method, tokenizer, corpus_file, tmp_path):
+    """FT's dense and RECT's sparse updates are as large as a layer: once an edit is in the ledger its update
+    is read from its own file (mapped) instead of kept in memory, live and after a resume, with the same
+    weights, undo and diagnostics as before."""
+    editor = make_editor(method, tokenizer, corpus_file, ledger=tmp_path / "run")
+    editor.edit(REQUESTS)
+    in_memory = make_editor(method, tokenizer, corpus_file)  # no ledger: nothing to map
+    in_memory.edit(REQUESTS)
+
+    def backing(ed) -> dict[tuple[int, str], str | None]:
+        return {
+            (a.edit_id, name): _mapped_file(getattr(update, name))
+            for a in ed.applied
+            for update in a.updates.values()
+            for name in update.layer_sized
+        }
+
+    for (edit_id, _), path in backing(editor).items():
+        assert path is not None and path.endswith(f"edits/{edit_id:06d}.safetensors"), path
+    assert set(backing(in_memory).values()) == {None}
+    assert same_params(editor.model, params(in_memory.model))
+    assert diagnose(editor) == diagnose(in_memory) == diagnose(editor)  # the second time from the kept self terms
+
+    editor.undo(1)
+    in_memory.undo(1)
+    assert same_params(editor.model, params(in_memory.model))
+    again = Editor.resume(tmp_path / "run", new_model(), tokenizer, progress=False)
+    assert same_params(again.model, params(in_memory.model))
+    assert all(path is not None for path in backing(again).values()) and backing(again)

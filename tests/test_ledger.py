@@ -208,16 +208,37 @@ def test_corrupt_or_missing_tensor_file_is_named(tokenizer, corpus_file, tmp_pat
     path.write_bytes(bytes(payload))
     entries = Ledger(run).entries()  # reading the index does not touch tensors...
     entries[0].tensors()
-    with pytest.raises(LedgerError, match="000001.safetensors: checksum mismatch"):
-        entries[1].tensors()  # ...reading them checks them
+    for mapped in (False, True):
+        with pytest.raises(LedgerError, match="000001.safetensors: checksum mismatch"):
+            entries[1].tensors(mapped=mapped)  # ...reading them checks them, mapped or not
     model = new_model()
     before = params(model)
     with pytest.raises(LedgerError, match="000001.safetensors"):
         Editor.resume(run, model, tokenizer, progress=False)
     assert same_params(model, before)  # checked before anything was written
     path.unlink()
-    with pytest.raises(LedgerError, match="000001.safetensors: missing"):
-        Ledger(run).entries()[1].tensors()
+    for mapped in (False, True):
+        with pytest.raises(LedgerError, match="000001.safetensors: missing"):
+            Ledger(run).entries()[1].tensors(mapped=mapped)
+
+
+def test_mapped_tensors_equal_the_read_ones_and_fall_back_to_memory(tokenizer, corpus_file, tmp_path, monkeypatch):
+    """``tensors(mapped=True)`` gives the same tensors, backed by the file; where the file cannot be mapped it
+    reads them into memory, as ``tensors()`` does."""
+    run = tmp_path / "run"
+    make_editor(tokenizer, corpus_file, ledger=run).edit(REQUESTS[:1])
+    entry = Ledger(run).entries()[0]
+    read, mapped = entry.tensors(), entry.tensors(mapped=True)
+    assert read.keys() == mapped.keys()
+    for name, tensor in read.items():
+        assert torch.equal(tensor, mapped[name]) and tensor.stride() == mapped[name].stride(), name
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("mmap is not supported here")
+
+    monkeypatch.setattr(ledger_module, "safe_open", refuse)
+    fallback = entry.tensors(mapped=True)
+    assert all(torch.equal(read[name], fallback[name]) for name in read)
 
 
 @pytest.mark.parametrize("fail_at", ["tensor fsync", "tensor rename", "directory fsync", "index fsync", "index write"])

@@ -48,6 +48,9 @@ class AppliedEdit:
     self_response: float | None  # ||Delta_e k_e||^2 at the critical layer
     result: EditResult
     created: float = field(default_factory=time.time)
+    # per layer ||Delta_e k||^2 of each request, for updates without factors (diagnostics computes it once:
+    # neither the update nor its keys ever change, and a layer-sized update need not be read again)
+    self_terms: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
 
 
 def edit_record(applied: AppliedEdit, manifest: Mapping[str, Any]) -> dict[str, Any]:

@@ -75,7 +75,9 @@ def layer_diagnostics(editor, layer: int, condition: bool = True) -> dict[str, f
             rights.append(right)
             right_owner += [index] * right.shape[1]
         else:  # k^T beta needs activation vectors: dense and sparse updates have none
-            self_terms.append((update.response(k) ** 2).sum(0))
+            if layer not in applied.self_terms:
+                applied.self_terms[layer] = (update.response(k) ** 2).sum(0)
+            self_terms.append(applied.self_terms[layer])
         keys.append(k)
         key_owner += [index] * k.shape[1]
 

@@ -43,7 +43,7 @@ from .models import find_parts, fingerprint, out_weight, weight_digest
 from .predict import score_answers
 from .requests import EditError, EditFailure, EditRequest, RequestError, check_tokenization
 from .stats import second_moments
-from .updates import Update
+from .updates import KINDS, Update
 
 log = logging.getLogger(__name__)
 CONTEXT_STARTS = ("The", "Therefore", "Because", "I", "You")
@@ -417,8 +417,7 @@ class Editor:
             applied = self._measure(requests, computed, started)
             state_touched = True
             self.method.commit(computed.updates, computed.decision)
-            if self.ledger is not None:
-                self.ledger.append(applied)  # the commit point
+            entry = None if self.ledger is None else self.ledger.append(applied)  # the commit point
         except BaseException:
             with torch.no_grad():
                 for i, saved in snapshot.items():
@@ -430,10 +429,26 @@ class Editor:
             del snapshot
             if self.trim_memory:
                 release_memory()
+        if entry is not None:
+            self._hold_in_file(applied, entry)
         self.applied.append(applied)
         self._events.append(("edit", applied))
         self._next_id += 1
         return applied.result
+
+    def _hold_in_file(self, applied: AppliedEdit, entry: LedgerEntry) -> None:
+        """Let an edit's layer-sized tensors (FT's dense, RECT's sparse updates: 3.5-4 MB an edit on SmolLM2)
+        be its ledger file's, mapped, instead of memory's, so a long run keeps only what is small. The edit is
+        already committed: if the file cannot be mapped, its tensors stay in memory."""
+        if not any(update.layer_sized for update in applied.updates.values()):
+            return
+        try:
+            stored = entry.tensors(mapped=True)
+        except LedgerError as err:
+            log.warning("edit %d stays in memory: %s", applied.edit_id, err)
+            return
+        for layer, update in applied.updates.items():
+            update.backed_by({name: stored[f"layer.{layer}.{name}"] for name in update.layer_sized})
 
     def _measure(self, requests, computed: Computed, started: float) -> AppliedEdit:
         """The edit as it landed: its result (scored with the new weights) and what diagnostics need."""
@@ -715,16 +730,14 @@ class Editor:
                 f"edit {entry.edit_id} changed layers {data['layers']}, not {list(self.config.layers)}", source
             )
         devices = {layer: self.parts.out_projs[layer].weight.device for layer in self.config.layers}
+        kinds = (data.get("update_kinds") or {}).values()
+        mapped = any(KINDS[kind].layer_sized for kind in kinds if kind in KINDS)  # as _hold_in_file keeps them
         try:
-            applied = applied_from(data, entry.tensors(), devices)
+            applied = applied_from(data, entry.tensors(mapped=mapped), devices)
         except ValueError as err:
             raise LedgerError(f"edit {entry.edit_id}: {err}", source) from err
         for layer, update in applied.updates.items():
-            shape = tuple(update.dense("cpu").shape) if update.kind != "lowrank" else None
-            low_rank_bad = update.kind == "lowrank" and (
-                update.left.shape[0] != self.parts.d_model or update.right.shape[0] != self.parts.d_ff
-            )
-            if low_rank_bad or (shape is not None and shape != (self.parts.d_model, self.parts.d_ff)):
+            if update.matrix_shape != (self.parts.d_model, self.parts.d_ff):
                 raise LedgerError(f"edit {entry.edit_id} has an update of the wrong shape at layer {layer}", source)
         return applied
 

@@ -29,9 +29,10 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
 
@@ -77,6 +78,7 @@ class LedgerEntry:
     kind: str
     data: dict[str, Any]
     _loader: Callable[[], dict[str, torch.Tensor]] | None = field(default=None, repr=False)
+    _mapper: Callable[[], dict[str, torch.Tensor]] | None = field(default=None, repr=False)
 
     @property
     def edit_id(self) -> int | None:
@@ -99,11 +101,13 @@ class LedgerEntry:
         recorded = self.data["decision"]
         return Decision(recorded["triggered"], dict(recorded.get("metrics") or {}))
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        """The edit's tensors, read now and checked against the recorded checksum."""
+    def tensors(self, mapped: bool = False) -> dict[str, torch.Tensor]:
+        """The edit's tensors, checked against the recorded checksum and read now; with ``mapped``, a ledger
+        entry's tensors are instead backed by its file (a private memory map: pages the system can drop and
+        read again, never written back), so edits the size of a layer need not stay in memory."""
         if self._loader is None:
             raise LedgerError(f"entry {self.seq} ({self.kind}) has no tensors")
-        return self._loader()
+        return self._mapper() if mapped and self._mapper is not None else self._loader()
 
     def updates(self) -> dict[int, Update]:
         """Per edited layer the edit's update, on the CPU."""
@@ -194,6 +198,22 @@ def write_atomic(path: Path, payload: bytes) -> None:
 
 def _sha256(payload: bytes) -> str:
     return hashlib.sha256(payload).hexdigest()
+
+
+def _stream_sha256(stream: BinaryIO, chunk: int = 1 << 20) -> str:
+    """``_sha256`` of a file's bytes, read a chunk at a time (the file is never held in memory whole)."""
+    digest = hashlib.sha256()
+    while block := stream.read(chunk):
+        digest.update(block)
+    return digest.hexdigest()
+
+
+def _drop_cached(fd: int) -> None:
+    """Let the system drop a file's pages from its cache, where it can, so that a map of the file starts
+    empty: a file just written sits in large page-cache folios, and a map takes a whole folio (2 MB) in at
+    its first touch, which would count in the process's resident memory."""
+    if hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
 
 # ---------------------------------------------------------------------------------------------- ledger
@@ -300,8 +320,8 @@ class Ledger:
             kind = data.get("kind")
             if data.get("seq") != seq or kind not in KINDS:
                 raise LedgerError(f"line {seq + 1} is not entry {seq} of a known kind", self.index_path)
-            loader = self._tensor_loader(data) if kind == "edit" else None
-            entries.append(LedgerEntry(seq, kind, data, loader))
+            readers = self._tensor_readers(data) if kind == "edit" else (None, None)
+            entries.append(LedgerEntry(seq, kind, data, *readers))
         return entries
 
     def active_edits(self) -> list[LedgerEntry]:
@@ -331,7 +351,8 @@ class Ledger:
             out.append(data)
         return out
 
-    def _tensor_loader(self, data: dict[str, Any]) -> Callable[[], dict[str, torch.Tensor]]:
+    def _tensor_readers(self, data: dict[str, Any]) -> tuple[Callable[[], dict], Callable[[], dict]]:
+        """The edit file's two readers: into memory, and mapped (the checksum read through the file first)."""
         name = self._edit_file(data.get("edit_id"))
         if data.get("file") != name:
             raise LedgerError(
@@ -339,23 +360,41 @@ class Ledger:
                 self.index_path,
             )
         path = self.inside(name)
-        expected = data["sha256"]
+        edit_id, expected = data["edit_id"], data["sha256"]
+
+        def unreadable(err: OSError) -> LedgerError:
+            return LedgerError(f"missing or unreadable ({err.strerror}); listed as edit {edit_id}", path)
+
+        def check(digest: str) -> None:
+            if digest != expected:
+                raise LedgerError(f"checksum mismatch: the file is corrupt (edit {edit_id})", path)
 
         def load() -> dict[str, torch.Tensor]:
             try:
                 payload = path.read_bytes()
             except OSError as err:
-                raise LedgerError(
-                    f"missing or unreadable ({err.strerror}); listed as edit {data['edit_id']}", path
-                ) from err
-            if _sha256(payload) != expected:
-                raise LedgerError(f"checksum mismatch: the file is corrupt (edit {data['edit_id']})", path)
+                raise unreadable(err) from err
+            check(_sha256(payload))
             try:
                 return load_bytes(payload)
             except Exception as err:  # the checksum matched, so this is a writer bug, still name the file
                 raise LedgerError(f"not a readable safetensors file ({err})", path) from err
 
-        return load
+        def mapped() -> dict[str, torch.Tensor]:
+            try:
+                with path.open("rb") as stream:
+                    check(_stream_sha256(stream))
+                    _drop_cached(stream.fileno())
+            except OSError as err:
+                raise unreadable(err) from err
+            try:
+                with safe_open(path, framework="pt") as opened:
+                    return {name: opened.get_tensor(name) for name in opened.keys()}  # noqa: SIM118 (not a dict)
+            except Exception as err:  # e.g. a file system that cannot map files: read it into memory instead
+                log.warning("%s: cannot be mapped (%s); read into memory", path, err)
+                return load()
+
+        return load, mapped
 
     # ---------------------------------------------------------------- writing
     def append(self, applied: AppliedEdit) -> LedgerEntry:
@@ -376,7 +415,7 @@ class Ledger:
         write_atomic(self.inside(name), payload)
         data = {"kind": "edit", **edit_record(applied, manifest)}
         data.update(file=name, sha256=_sha256(payload), bytes=len(payload))
-        entry = self._write_line(data, self._tensor_loader)
+        entry = self._write_line(data, self._tensor_readers)
         self._edit_ids.add(applied.edit_id)
         return entry
 
@@ -461,7 +500,7 @@ class Ledger:
         self._next_seq = len(entries)
         self._edit_ids = {e.edit_id for e in entries if e.kind == "edit"}
 
-    def _write_line(self, data: dict[str, Any], loader_for=None) -> LedgerEntry:
+    def _write_line(self, data: dict[str, Any], readers_for=None) -> LedgerEntry:
         self._open_for_writing()
         seq = self._next_seq
         data = {"seq": seq, **data, **_stamp()}
@@ -487,7 +526,7 @@ class Ledger:
         finally:
             os.close(fd)
         self._next_seq = seq + 1
-        return LedgerEntry(seq, data["kind"], data, loader_for(data) if loader_for else None)
+        return LedgerEntry(seq, data["kind"], data, *(readers_for(data) if readers_for else (None, None)))
 
 
 def check_base_model(

@@ -10,6 +10,7 @@ sparsification a ``SparseUpdate``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -21,6 +22,18 @@ class Update:
     """Base of the update kinds; ``keys`` are the inputs the update was solved for (None when there are none)."""
 
     kind: ClassVar[str] = "update"
+    # the tensors as large as the layer itself (FT's dense change, RECT's kept entries): an Editor with a
+    # ledger holds them in the edit's file, mapped, rather than in memory (``backed_by``)
+    layer_sized: ClassVar[tuple[str, ...]] = ()
+
+    def backed_by(self, stored: Mapping[str, torch.Tensor]) -> None:
+        """Use ``stored``, equal copies of this update's layer-sized tensors (e.g. mapped from its ledger file),
+        in their place: only where device, dtype, shape and strides are the same, so every result keeps its
+        bits, and in place, so the update keeps its identity."""
+        for name in self.layer_sized:
+            current, copy = getattr(self, name), stored[name]
+            if _layout(current) == _layout(copy):
+                setattr(self, name, copy)
 
     def dense(self, device: torch.device | str | None = None) -> torch.Tensor:
         raise NotImplementedError
@@ -39,6 +52,11 @@ class Update:
     @property
     def rank(self) -> int | None:
         return None
+
+    @property
+    def matrix_shape(self) -> tuple[int, int]:
+        """(d_model, d_ff): the shape of ``dense()``, without building it."""
+        raise NotImplementedError
 
 
 @dataclass
@@ -70,6 +88,10 @@ class LowRankUpdate(Update):
     def rank(self) -> int:
         return int(self.left.shape[1])
 
+    @property
+    def matrix_shape(self) -> tuple[int, int]:
+        return int(self.left.shape[0]), int(self.right.shape[0])
+
 
 @dataclass
 class DenseUpdate(Update):
@@ -78,6 +100,7 @@ class DenseUpdate(Update):
     delta: torch.Tensor
     keys: torch.Tensor | None = None
     kind: ClassVar[str] = "dense"
+    layer_sized: ClassVar[tuple[str, ...]] = ("delta",)
 
     def dense(self, device=None) -> torch.Tensor:
         return self.delta.float() if device is None else self.delta.to(device).float()
@@ -87,6 +110,10 @@ class DenseUpdate(Update):
 
     def to(self, device) -> DenseUpdate:
         return DenseUpdate(self.delta.to(device), None if self.keys is None else self.keys.to(device))
+
+    @property
+    def matrix_shape(self) -> tuple[int, int]:
+        return tuple(self.delta.shape)  # a malformed delta's own shape, whatever its length
 
 
 @dataclass
@@ -102,6 +129,7 @@ class SparseUpdate(Update):
     shape: tuple[int, int]
     keys: torch.Tensor | None = None
     kind: ClassVar[str] = "sparse"
+    layer_sized: ClassVar[tuple[str, ...]] = ("mask", "values")
 
     @classmethod
     def keep(cls, delta: torch.Tensor, mask: torch.Tensor, keys: torch.Tensor | None = None) -> SparseUpdate:
@@ -145,6 +173,14 @@ class SparseUpdate(Update):
     def to(self, device) -> SparseUpdate:
         keys = None if self.keys is None else self.keys.to(device)
         return SparseUpdate(self.mask.to(device), self.values.to(device), self.shape, keys)
+
+    @property
+    def matrix_shape(self) -> tuple[int, int]:
+        return tuple(self.shape)
+
+
+def _layout(tensor: torch.Tensor) -> tuple:
+    return tensor.device, tensor.dtype, tensor.shape, tensor.stride()
 
 
 _BIT_WEIGHTS = (128, 64, 32, 16, 8, 4, 2, 1)
