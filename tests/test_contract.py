@@ -31,8 +31,10 @@ from test_run import (
 from deltaedit import Editor, Ledger, RequestError, apply_edits
 from deltaedit.cli import main
 from deltaedit.diagnostics import diagnose
+from deltaedit.ledger import LedgerEntry
 from deltaedit.methods import METHODS
 from deltaedit.models import find_parts, out_weight
+from deltaedit.updates import DenseUpdate
 
 REQUESTS = LEDGER_REQUESTS[:3]
 SINGLE_LAYER = {"ft", "rome"}
@@ -181,3 +183,39 @@ def test_layer_sized_updates_are_held_by_their_ledger_files(method, tokenizer, c
     again = Editor.resume(tmp_path / "run", new_model(), tokenizer, progress=False)
     assert same_params(again.model, params(in_memory.model))
     assert all(path is not None for path in backing(again).values()) and backing(again)
+    saved = in_memory.save_edits(tmp_path / "edits.safetensors")  # edits recorded into a new ledger: mapped too
+    loaded = Editor.from_edits(saved, new_model(), tokenizer, ledger=tmp_path / "copy", progress=False)
+    assert all(path is not None and "/copy/edits/" in path for path in backing(loaded).values()) and backing(loaded)
+
+
+def test_an_edit_stays_made_when_its_file_cannot_be_held(tokenizer, corpus_file, tmp_path, monkeypatch, caplog):
+    """Holding an update in its ledger file only saves memory: if reading the file back fails after the edit
+    is recorded, the edit stays made and tracked, in memory, and the next edits go on."""
+    editor = make_editor("ft", tokenizer, corpus_file, ledger=tmp_path / "run")
+    reference = make_editor("ft", tokenizer, corpus_file)
+
+    def fail(self, mapped=False):
+        raise OSError("the disk went away")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(LedgerEntry, "tensors", fail)
+        editor.edit(REQUESTS[0])
+    assert "edit 0 stays in memory" in caplog.text
+    editor.edit(REQUESTS[1:])
+    reference.edit(REQUESTS)
+    assert [a.edit_id for a in editor.applied] == [0, 1, 2]
+    assert same_params(editor.model, params(reference.model))
+    assert _mapped_file(editor.applied[0].updates[1].delta) is None  # kept in memory
+    assert _mapped_file(editor.applied[1].updates[1].delta) is not None
+
+
+def test_a_dense_update_responds_the_same_from_an_unaligned_copy():
+    """A tensor mapped from a file is aligned to 8 bytes only; its products must round as the allocated
+    tensor's do."""
+    generator = torch.Generator().manual_seed(0)
+    delta, keys = torch.randn(64, 96, generator=generator), torch.randn(96, 1, generator=generator)
+    buffer = torch.empty(delta.numel() + 6)
+    unaligned = buffer[6:].view(64, 96)  # 24 bytes past an aligned start
+    unaligned.copy_(delta)
+    assert unaligned.data_ptr() % 64 != 0
+    assert torch.equal(DenseUpdate(unaligned, keys).response(keys), DenseUpdate(delta, keys).response(keys))

@@ -429,22 +429,24 @@ class Editor:
             del snapshot
             if self.trim_memory:
                 release_memory()
-        if entry is not None:
-            self._hold_in_file(applied, entry)
         self.applied.append(applied)
         self._events.append(("edit", applied))
         self._next_id += 1
+        if entry is not None:
+            self._hold_in_file(applied, entry)
         return applied.result
 
     def _hold_in_file(self, applied: AppliedEdit, entry: LedgerEntry) -> None:
         """Let an edit's layer-sized tensors (FT's dense, RECT's sparse updates: 3.5-4 MB an edit on SmolLM2)
         be its ledger file's, mapped, instead of memory's, so a long run keeps only what is small. The edit is
-        already committed: if the file cannot be mapped, its tensors stay in memory."""
-        if not any(update.layer_sized for update in applied.updates.values()):
+        already recorded and tracked: if anything goes wrong here, its tensors simply stay in memory. Tensors on an
+        accelerator stay where they are."""
+        on_cpu = [getattr(u, name).device.type == "cpu" for u in applied.updates.values() for name in u.layer_sized]
+        if not any(on_cpu):
             return
         try:
             stored = entry.tensors(mapped=True)
-        except LedgerError as err:
+        except Exception as err:  # a saving of memory, never a reason to fail an edit that is already made
             log.warning("edit %d stays in memory: %s", applied.edit_id, err)
             return
         for layer, update in applied.updates.items():
@@ -699,7 +701,7 @@ class Editor:
         for done, (kind, payload) in enumerate(events):
             try:
                 if kind == "edit":
-                    self.ledger.append(payload)
+                    self._hold_in_file(payload, self.ledger.append(payload))
                 else:
                     self.ledger.record_undo([a.edit_id for a in payload], "undo")
             except BaseException:
@@ -731,7 +733,8 @@ class Editor:
             )
         devices = {layer: self.parts.out_projs[layer].weight.device for layer in self.config.layers}
         kinds = (data.get("update_kinds") or {}).values()
-        mapped = any(KINDS[kind].layer_sized for kind in kinds if kind in KINDS)  # as _hold_in_file keeps them
+        # an edit with layer-sized tensors is read mapped (what applied_from leaves on the CPU stays mapped)
+        mapped = any(KINDS[kind].layer_sized for kind in kinds if kind in KINDS)
         try:
             applied = applied_from(data, entry.tensors(mapped=mapped), devices)
         except ValueError as err:

@@ -19,6 +19,7 @@ editing side: ``Editor(..., ledger=dir)``, ``Editor.resume(dir, model, tokenizer
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import json
@@ -213,7 +214,8 @@ def _drop_cached(fd: int) -> None:
     empty: a file just written sits in large page-cache folios, and a map takes a whole folio (2 MB) in at
     its first touch, which would count in the process's resident memory."""
     if hasattr(os, "posix_fadvise"):
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        with contextlib.suppress(OSError):  # advice only: a refusal changes nothing that is read
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
 
 # ---------------------------------------------------------------------------------------------- ledger

@@ -28,8 +28,9 @@ class Update:
 
     def backed_by(self, stored: Mapping[str, torch.Tensor]) -> None:
         """Use ``stored``, equal copies of this update's layer-sized tensors (e.g. mapped from its ledger file),
-        in their place: only where device, dtype, shape and strides are the same, so every result keeps its
-        bits, and in place, so the update keeps its identity."""
+        in their place: only where device, dtype, shape and strides are the same, and in place, so the update
+        keeps its identity. Every result keeps its bits: the writes and sums are elementwise, and products take a
+        fresh copy (a mapped tensor need not be aligned as allocated memory is, and matmul rounds by alignment)."""
         for name in self.layer_sized:
             current, copy = getattr(self, name), stored[name]
             if _layout(current) == _layout(copy):
@@ -104,6 +105,9 @@ class DenseUpdate(Update):
 
     def dense(self, device=None) -> torch.Tensor:
         return self.delta.float() if device is None else self.delta.to(device).float()
+
+    def response(self, keys: torch.Tensor) -> torch.Tensor:
+        return self.delta.to(keys.device, torch.float32, copy=True) @ keys  # a fresh, aligned copy (backed_by)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"delta": self.delta} if self.keys is None else {"delta": self.delta, "keys": self.keys}
