@@ -566,16 +566,21 @@ def _live_tensor_bytes() -> int:
     return total
 
 
+def _kept_bytes(editor) -> int:
+    updates = sum(t.nbytes for a in editor.applied for u in a.updates.values() for t in u.tensors().values())
+    return updates + sum(a.target.nbytes for a in editor.applied if a.target is not None)
+
+
 @pytest.mark.parametrize("method", ["alphaedit", "deltaedit"])
 def test_an_editor_retains_only_each_edits_factors_and_keys(tokenizer, corpus_file, method):
-    """What an edit must keep is its factors and keys (and DeltaEdit's fixed-size sums): the tensor bytes held
-    after more edits grow by exactly that, not by temporaries of the solves or the optimizer."""
+    """What an edit must keep is its factors, keys and target vector (and DeltaEdit's fixed-size sums): the tensor
+    bytes held after more edits grow by exactly that, not by temporaries of the solves or the optimizer."""
     editor = make_editor(tokenizer, corpus_file, method=method)
     editor.edit([*REQUESTS[:2]])  # warm-up: statistics, projectors, prefixes
     before = _live_tensor_bytes()
-    kept_before = sum(t.nbytes for a in editor.applied for u in a.updates.values() for t in u.tensors().values())
+    kept_before = _kept_bytes(editor)
     editor.edit(REQUESTS[2:6])
-    kept_after = sum(t.nbytes for a in editor.applied for u in a.updates.values() for t in u.tensors().values())
+    kept_after = _kept_bytes(editor)
     growth = _live_tensor_bytes() - before
     assert kept_after > kept_before
     assert growth <= (kept_after - kept_before) + 4096, (growth, kept_after - kept_before)

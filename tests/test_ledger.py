@@ -122,7 +122,8 @@ def test_manifest_and_edit_entries(tokenizer, corpus_file, tmp_path):
         path = run / data["file"]
         assert data["sha256"] == ledger_module._sha256(path.read_bytes()) and data["bytes"] == path.stat().st_size
         tensors = entry.tensors()
-        assert set(tensors) == {f"layer.{i}.{n}" for i in LAYERS for n in ("left", "right", "keys")} | {"critical_key"}
+        own = {f"layer.{i}.{n}" for i in LAYERS for n in ("left", "right", "keys")}
+        assert set(tensors) == own | {"critical_key", "target"}
         assert all(t.dtype == torch.float32 for t in tensors.values())
         for layer, update in entry.updates().items():
             assert (
@@ -132,6 +133,7 @@ def test_manifest_and_edit_entries(tokenizer, corpus_file, tmp_path):
             assert torch.equal(update.right, applied.updates[layer].right)
             assert torch.equal(update.keys, applied.updates[layer].keys)
         assert torch.equal(entry.critical_key(), applied.critical_key)
+        assert tensors["target"].shape == (d_model, 1) and torch.equal(tensors["target"], applied.target)
     assert any(r.triggered for r in results)  # the constraint's decision is what got recorded
 
 

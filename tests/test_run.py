@@ -354,6 +354,79 @@ def test_a_resume_extends_a_run_to_more_edits(finished, assets, tmp_path, capsys
     assert same_params(resumed(out, assets).model, resumed(finished.dir, assets).model)
 
 
+def _without(document: dict, name: str) -> tuple[dict, list]:
+    """The document with diagnostics ``name`` taken out of every checkpoint, and its values."""
+    document = json.loads(json.dumps(document))
+    return document, [c["diagnostics"].pop(name, None) for c in document["checkpoints"]]
+
+
+def test_a_run_that_reuses_recorded_targets_is_the_recorded_run_without_the_search(
+    finished, assets, tmp_path, capsys, monkeypatch
+):
+    """The targets file carries a run in a few kB an edit: a new run of the same stream and config that reuses
+    it runs no target search and ends bit for bit where the recorded run did (weights, metrics, ledger)."""
+    targets = tmp_path / "targets.safetensors"
+    assert main(["export", str(finished.dir), "--targets-only", "--out", str(targets)]) == 0
+    assert "target vectors of 6 edits saved" in capsys.readouterr().out
+    assert main(["export", str(finished.dir), "--targets-only", "--out", str(targets)]) == 2  # no --force
+
+    import deltaedit.methods.locate as locate
+
+    def no_search(*args, **kwargs):
+        raise AssertionError("the target search ran although a recorded z* was there")
+
+    monkeypatch.setattr(locate, "optimize_target", no_search)
+    out = tmp_path / "replay" / "run"  # the run's name is recorded: the same as the reference's
+    run(out, make_spec(assets, n_edits=4), progress=False, targets=targets)
+    assert main(["run", "--out", str(out), "--resume", "--n-edits", "6", "--quiet", "--targets", str(targets)]) == 0
+
+    found, used = _without(metrics(out), "recorded_targets_used")
+    assert used == [2, 4, 2]  # counted per process: the resume made edits 5 and 6
+    assert_same_metrics(found, metrics(finished.dir))
+    assert [e.data["result"]["steps"] for e in Ledger(out, create=False).entries()] == [
+        e.data["result"]["steps"] for e in Ledger(finished.dir, create=False).entries()
+    ]
+    assert same_params(resumed(out, assets).model, resumed(finished.dir, assets).model)
+
+
+def test_recorded_targets_serve_only_the_same_requests_config_and_intact_file(finished, assets, tmp_path):
+    from deltaedit.ledger import LedgerError
+    from deltaedit.targets_file import RecordedTargets
+
+    targets = tmp_path / "targets.safetensors"
+    assert main(["export", str(finished.dir), "--targets-only", "--out", str(targets)]) == 0
+    recorded = RecordedTargets.read(targets)
+    assert len(recorded) == 6 and recorded.get(0, resumed(finished.dir, assets).applied[0].requests) is not None
+
+    # another stream: the same edit id with other requests is searched anew
+    model, tokenizer = base_model(assets)
+    settings = Editor.settings_from(Ledger(finished.dir, create=False).manifest())
+    editor = Editor(model, tokenizer, **settings, progress=False)
+    editor.use_targets(targets)
+    other = dict(RECORDS[1])
+    result = editor.edit([other])[0]
+    assert editor.recorded_targets.used == 0 and result.steps > 0
+
+    # another config: refused, naming what differs
+    model, tokenizer = base_model(assets)
+    changed = Editor(model, tokenizer, method="deltaedit", config=overrides(assets.corpus, steps=11), progress=False)
+    with pytest.raises(ValueError, match="targets: .* config_fingerprint"):
+        changed.use_targets(targets)
+    assert changed.recorded_targets is None
+
+    # a damaged or foreign file is refused whole, before any edit
+    damaged = tmp_path / "damaged.safetensors"
+    payload = bytearray(targets.read_bytes())
+    payload[-3] ^= 0xFF
+    damaged.write_bytes(bytes(payload))
+    with pytest.raises(LedgerError, match="checksum mismatch"):
+        RecordedTargets.read(damaged)
+    edits = resumed(finished.dir, assets).save_edits(tmp_path / "edits.safetensors")
+    with pytest.raises(LedgerError, match="not a deltaedit-targets file"):
+        run(tmp_path / "refused", make_spec(assets), progress=False, targets=edits)
+    assert not (tmp_path / "refused").exists()
+
+
 def test_a_health_run_is_extended_only_past_the_records_its_baseline_read(finished, tmp_path):
     """Its unedited generations are those of its first 40 records: a 6-edit --health run would need others."""
     out = copy_run(finished.dir, tmp_path)

@@ -2,7 +2,8 @@
 
 The ledger (a run directory) and the edits file store the same record: the JSON fields of
 :func:`edit_record` and the tensors of :func:`edit_tensors` (per edited layer the update's own tensors under
-``layer.<i>.<name>``, its kind in ``update_kinds``, and the critical layer's key). :func:`applied_from` is the
+``layer.<i>.<name>``, its kind in ``update_kinds``, the critical layer's key, and the target vector z* the
+updates were solved for). :func:`applied_from` is the
 inverse.
 """
 
@@ -51,6 +52,9 @@ class AppliedEdit:
     # per layer ||Delta_e k||^2 of each request, for updates without factors (diagnostics computes it once:
     # neither the update nor its keys ever change, and a layer-sized update need not be read again)
     self_terms: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+    # z* the updates were solved for (d_model x n; None for FT and for edits recorded before it was kept):
+    # a later run of the same stream reuses it instead of searching again (deltaedit.targets_file)
+    target: torch.Tensor | None = field(default=None, repr=False)
 
 
 def edit_record(applied: AppliedEdit, manifest: Mapping[str, Any]) -> dict[str, Any]:
@@ -86,6 +90,8 @@ def edit_tensors(applied: AppliedEdit) -> dict[str, torch.Tensor]:
             out[f"layer.{layer}.{name}"] = tensor
     if applied.critical_key is not None:
         out["critical_key"] = applied.critical_key
+    if applied.target is not None:
+        out["target"] = applied.target
     return {
         name: t.detach().to("cpu", t.dtype if not t.is_floating_point() else torch.float32).contiguous().clone()
         for name, t in out.items()
@@ -124,4 +130,7 @@ def applied_from(
     critical = max(updates)
     key = getattr(updates[critical], "keys", None)
     response = data["self_response"]
-    return AppliedEdit(data["edit_id"], requests, updates, decision, key, response, result, data["created"])
+    target = tensors.get("target")
+    return AppliedEdit(
+        data["edit_id"], requests, updates, decision, key, response, result, data["created"], target=target
+    )

@@ -179,6 +179,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--chat", action="store_true", help="edit and evaluate every prompt through the tokenizer's chat template"
     )
     run.add_argument("--resume", action="store_true", help="continue the run in --out after a crash or kill")
+    run.add_argument(
+        "--targets",
+        metavar="FILE",
+        help="reuse the target vectors of a run of the same stream, method and config "
+        "(`deltaedit export RUN --targets-only`): its edits skip the search, same results",
+    )
     run.add_argument("--force", action="store_true", help="replace an existing run in --out")
 
     log_cmd = sub.add_parser("log", help="list the edits, undos and rejections of a run")
@@ -195,7 +201,13 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="save a run's edited model, or only its edits")
     export.add_argument("run_dir")
     export.add_argument("--out", required=True, help="a Hugging Face model directory, or a .safetensors file")
-    export.add_argument("--edits-only", action="store_true", help="write the edits alone (small) to --out")
+    only = export.add_mutually_exclusive_group()
+    only.add_argument("--edits-only", action="store_true", help="write the edits alone (small) to --out")
+    only.add_argument(
+        "--targets-only",
+        action="store_true",
+        help="write each edit's target vector (2 kB an edit) to --out, for `deltaedit run --targets`",
+    )
     export.add_argument("--force", action="store_true", help="overwrite --out")
     export.add_argument("--push-to-hub", metavar="REPO", help="also upload the model and its card to this Hub repo")
     _runtime(export)
@@ -435,6 +447,7 @@ def cmd_run(args) -> int:
         force=args.force,
         progress=not args.quiet,
         n_edits=extend,
+        targets=args.targets,
     )
     last = document["checkpoints"][-1] if document["checkpoints"] else None
     if last:
@@ -446,7 +459,7 @@ def cmd_run(args) -> int:
 
 
 # the options a --resume takes; every other option of `deltaedit run` is fixed by run.json
-_RESUME_OPTIONS = {"command", "out", "resume", "n_edits", "data", "quiet", "threads"}
+_RESUME_OPTIONS = {"command", "out", "resume", "n_edits", "data", "quiet", "threads", "targets"}
 
 
 def _options_fixed_by_the_run(args) -> list[str]:
@@ -515,8 +528,10 @@ def cmd_export(args) -> int:
         from .card import check_hub
 
         check_hub(args.push_to_hub)  # offline, no token: refused before anything loads or is written
-    editor = _resume_run(args)
     out = Path(args.out)
+    if args.targets_only:
+        return _export_targets(args, out)
+    editor = _resume_run(args)
     if args.edits_only:
         if out.exists() and not args.force:
             raise FileExistsError(f"{out} exists; pass --force to overwrite it")
@@ -539,6 +554,26 @@ def cmd_export(args) -> int:
             from .card import push_folder
 
             print(f"uploaded to {push_folder(path, args.push_to_hub)}")
+    return 0
+
+
+def _export_targets(args, out: Path) -> int:
+    """The run's target vectors, read from its ledger: no model is loaded."""
+    from .ledger import Ledger, LedgerError
+    from .targets_file import RecordedTargets, write_targets_file
+
+    if args.push_to_hub:
+        raise ValueError("--push-to-hub: a targets file is not a model; drop --targets-only to push the model")
+    if out.exists() and not args.force:
+        raise FileExistsError(f"{out} exists; pass --force to overwrite it")
+    if out.exists():
+        try:
+            RecordedTargets.read(out)
+        except LedgerError:
+            raise FileExistsError(f"{out}: not a deltaedit targets file; --force only replaces one") from None
+    ledger = Ledger(args.run_dir, create=False)
+    count = write_targets_file(out, ledger.require_manifest(), ledger.entries())
+    print(f"target vectors of {count} edits saved to {out} ({out.stat().st_size / 1e6:.2f} MB)")
     return 0
 
 

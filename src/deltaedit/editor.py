@@ -43,6 +43,7 @@ from .models import find_parts, fingerprint, out_weight, weight_digest
 from .predict import score_answers
 from .requests import EditError, EditFailure, EditRequest, RequestError, check_tokenization
 from .stats import second_moments
+from .targets_file import RecordedTargets
 from .updates import KINDS, Update
 
 log = logging.getLogger(__name__)
@@ -222,7 +223,10 @@ class Editor:
             base_weight=self.original_weights.__getitem__,
             key_statistics=self._key_statistics,
             prefixes=self._generated_prefixes,
+            recorded_target=self._recorded_target,
         )
+        # z* of an earlier run of the same stream (RecordedTargets): its edits skip the search, same results
+        self.recorded_targets: RecordedTargets | None = None
         self.ledger: Ledger | None = None
         if ledger is not None:
             self._attach(ledger if isinstance(ledger, Ledger) else Ledger(ledger))
@@ -250,6 +254,20 @@ class Editor:
             )
             self._prefixes[key] = [""] + [t.replace("\n", " ").strip() + ". " for t in texts]
         return self._prefixes[key]
+
+    def _recorded_target(self, requests) -> tuple[torch.Tensor, int] | None:
+        if self.recorded_targets is None:
+            return None
+        return self.recorded_targets.get(self._next_id, requests)
+
+    def use_targets(self, path: str | os.PathLike) -> RecordedTargets:
+        """Reuse the target vectors of a targets file (``deltaedit export --targets-only``) for the edits it
+        recorded: an edit whose id and requests match skips the optimizer and is bit for bit the recorded
+        run's, at a fraction of the time. The file must come from the same method, config and base model."""
+        recorded = RecordedTargets.read(path)
+        recorded.check(self.manifest())
+        self.recorded_targets = recorded
+        return recorded
 
     @property
     def contexts(self) -> list[str]:
@@ -476,7 +494,14 @@ class Editor:
             metrics=decision.metrics,
         )
         return AppliedEdit(
-            self._next_id, tuple(requests), computed.updates, decision, critical_key, self_response, result
+            self._next_id,
+            tuple(requests),
+            computed.updates,
+            decision,
+            critical_key,
+            self_response,
+            result,
+            target=None if computed.targets is None else computed.targets.detach().float().cpu().clone(),
         )
 
     # ------------------------------------------------------------------ undo

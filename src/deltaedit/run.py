@@ -36,6 +36,7 @@ from .memory import peak_resident_mb, release_memory, resident_mb
 from .models import cache_dir, load_model
 from .predict import input_device
 from .report import DEFAULT_POINTS, add_checkpoint, checkpoint_schedule, new_run_record, read_metrics, write_metrics
+from .targets_file import RecordedTargets
 from .tracking import TRACKERS, open_tracker
 
 log = logging.getLogger(__name__)
@@ -337,12 +338,14 @@ def run(
     progress: bool = True,
     model_and_tokenizer: tuple[Any, Any] | None = None,
     n_edits: int | None = None,
+    targets: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Run (or with ``resume`` continue) an experiment into ``run_dir``; returns the metrics.json document.
 
     ``model_and_tokenizer`` lets a caller pass an already loaded, *unedited* base model. ``n_edits`` with
     ``resume`` extends the run to that many records (at least its own): the stream's first records are the
-    ones already edited, so the longer run is the one that would have been started with it.
+    ones already edited, so the longer run is the one that would have been started with it. ``targets`` (a
+    targets file of a run of the same stream, method and config) lets its edits skip the target search.
     """
 
     run_dir = Path(run_dir)
@@ -375,6 +378,7 @@ def run(
     data_dir = spec.data_dir
     # everything that can refuse the run is checked before the directory is touched
     loaded = load_records(spec.dataset, data_dir, limit=spec.n_edits, on_error=spec.on_error)
+    reused = RecordedTargets.read(targets) if targets is not None else None
     records, kind = loaded.records, _kind(loaded.layout)
     if spec.chat:
         from .chat import chat_records
@@ -395,7 +399,7 @@ def run(
         else:
             prepare_directory(run_dir, force)
         document = _run_locked(run_dir, spec, ledger, loaded, records, kind, handled, resume, progress,
-                               ledger_has_entries, model_and_tokenizer)  # fmt: skip
+                               ledger_has_entries, model_and_tokenizer, reused)  # fmt: skip
     finally:
         ledger.close()
     return document
@@ -429,7 +433,7 @@ def _extend_baseline(run_dir: Path, model, tokenizer, records: list[EditRecord],
 
 
 def _run_locked(run_dir, spec, ledger, loaded, records, kind, handled, resume, progress, ledger_has_entries,
-                model_and_tokenizer) -> dict[str, Any]:  # fmt: skip
+                model_and_tokenizer, reused=None) -> dict[str, Any]:  # fmt: skip
     """The run itself, its directory's writer lock held. A start that fails before its first edit removes what
     it wrote (no stub that would make a retry look like a run to resume)."""
     from tqdm.auto import tqdm
@@ -467,6 +471,9 @@ def _run_locked(run_dir, spec, ledger, loaded, records, kind, handled, resume, p
                     source=str(getattr(error, "path", "") or ""),
                     line=getattr(error, "line", None),
                 )
+        if reused is not None:
+            reused.check(editor.manifest())
+            editor.recorded_targets = reused
     except BaseException:
         if starting:
             remove_run_files(run_dir)
@@ -513,6 +520,8 @@ def _run_locked(run_dir, spec, ledger, loaded, records, kind, handled, resume, p
         made = [applied.result.success for applied in editor.applied]
         stream, rows = stream_summary(edited, made, per_record, kind)
         extra = {"eval_seconds": time.perf_counter() - started}
+        if reused is not None:  # these edits' seconds leave out the search: say so beside the timings
+            extra["recorded_targets_used"] = reused.used
         groups = {kind: values, "stream": stream}
         if probe is not None:
             health_started = time.perf_counter()

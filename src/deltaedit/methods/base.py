@@ -142,11 +142,18 @@ class Decision:
 
 @dataclass
 class Computed:
-    """What ``compute`` returns: the update written to each layer, the decision, the optimizer steps."""
+    """What ``compute`` returns: the update written to each layer, the decision, the optimizer steps, and the
+    target vectors the updates were solved for (z* at the critical layer, d_model x n; None for FT), recorded
+    so the edit can be rebuilt without the search (``deltaedit.targets_file``)."""
 
     updates: dict[int, Update]
     decision: Decision
     steps: int = 0
+    targets: torch.Tensor | None = None
+
+
+def _nothing_recorded(requests: Sequence) -> None:
+    return None
 
 
 @dataclass
@@ -156,7 +163,8 @@ class EditContext:
     ``write(layer, update)`` finalizes an update, writes the layer's new weight (as the method composes it) and
     returns the update as written; ``base_weight(layer)`` is W0; ``key_statistics(layers, corpus, samples,
     max_length)`` gives cached C0 = E[k k^T] per layer; ``prefixes(count, length)`` the bare prompt ("") and
-    ``count`` short seeded generations of the unedited model to put before prompts."""
+    ``count`` short seeded generations of the unedited model to put before prompts; ``recorded_target(requests)``
+    the (z*, steps) recorded for this edit by an earlier run of the same stream, or None: the search is skipped."""
 
     model: Any
     parts: Any
@@ -166,6 +174,7 @@ class EditContext:
     base_weight: Callable[[int], torch.Tensor]
     key_statistics: Callable[..., dict[int, torch.Tensor]]
     prefixes: Callable[[int, int], list[str]]
+    recorded_target: Callable[[Sequence], tuple[torch.Tensor, int] | None] = _nothing_recorded
 
 
 class EditMethod:
