@@ -148,7 +148,7 @@ def edit_cases(run_dir: Path) -> list[str]:
     return [e.data["requests"][0]["case_id"] for e in entries if e.kind == "edit"]
 
 
-TIMING = ("seconds", "eval_seconds", "resident_mb", "peak_resident_mb")  # what differs run to run
+TIMING = ("seconds", "eval_seconds", "resident_mb", "peak_resident_mb", "machine")  # what differs run to run
 
 
 def without_timing(value):
@@ -221,6 +221,8 @@ def test_run_writes_ledger_baseline_and_checkpointed_metrics(finished, assets):
         if sys.platform.startswith("linux"):  # memory as the OS reports it: a model is loaded, so > 100 MiB
             assert 100 < diagnostics["resident_mb"] <= diagnostics["peak_resident_mb"] + 1
         assert checkpoint["seconds"] > 0
+        machine = checkpoint["machine"]  # where it ran: float32 bits depend on the processor kind and threads
+        assert machine["torch"] == torch.__version__ and machine["cpu"] and machine["threads"] >= 1
     # the edits really landed: efficacy by "larger" is high on this setup
     assert document["checkpoints"][-1]["metrics"]["counterfact"]["efficacy_larger"] >= 0.5
 

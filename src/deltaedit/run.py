@@ -161,6 +161,23 @@ def open_base_model(run_dir: str | os.PathLike, device: str | None = None):
     return load_model(name, device=device or spec.get("device"), dtype=dtype)
 
 
+def machine() -> dict[str, Any]:
+    """Where a checkpoint was computed. Float32 results are bit for bit only on the same processor kind, torch
+    build and thread count (matrix kernels round by the instructions they pick), and a resumed run may have
+    moved between machines, so each checkpoint says where it ran."""
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"cpu": cpu, "torch": torch.__version__, "threads": torch.get_num_threads()}
+
+
 def _kind(layout: str) -> str:
     return "zsre" if layout == "zsre" else "counterfact"
 
@@ -532,7 +549,7 @@ def _run_locked(run_dir, spec, ledger, loaded, records, kind, handled, resume, p
         memory["peak_resident_mb"] = peak_resident_mb()  # this process's worst so far, evaluation included
         extra.update({name: mb for name, mb in memory.items() if mb is not None})
         diagnostics = {**diagnose(editor), **extra}
-        add_checkpoint(document, n, spent, groups, diagnostics)
+        add_checkpoint(document, n, spent, groups, diagnostics)["machine"] = machine()
         tracker.log_checkpoint(n, {**groups, "diagnostics": {k: v for k, v in diagnostics.items() if k != "layers"}})
         write_atomic(contained(run_dir, PER_RECORD_FILE), json.dumps({"n_edits": n, "records": rows}).encode())
         write_metrics(run_dir, document)
