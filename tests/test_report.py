@@ -12,6 +12,7 @@ from deltaedit.report import (
     RunFileError,
     add_checkpoint,
     checkpoint_schedule,
+    join_checkpoints,
     new_run_record,
     read_metrics,
     write_metrics,
@@ -223,3 +224,24 @@ def test_metrics_file_round_trip_and_errors(tmp_path):
     (tmp_path / "bad" / "metrics.json").write_text('{"run": {}, "checkpoints": [{"edits": 3}]}')
     with pytest.raises(RunFileError, match="n_edits"):
         read_metrics(tmp_path / "bad")
+
+
+def test_a_run_measured_in_parts_joins_into_one_metrics_file():
+    """A run carried on with --targets in a new directory measures only its later checkpoints; joined with the
+    earlier part it is the whole run, and parts of different runs or disagreeing checkpoints are refused."""
+    early = new_run_record("deltaedit", "smollm2-135m", "counterfact", 3000, name="de-3000")
+    late = new_run_record("deltaedit", "smollm2-135m", "counterfact", 3000, name="de-3000")
+    for n in (50, 100):
+        add_checkpoint(early, n, float(n), cf(1.0, 0.5, 0.25, 1.0, 1.0, 1.0))
+    add_checkpoint(late, 100, 1.0, cf(1.0, 0.5, 0.25, 1.0, 1.0, 1.0))  # measured again: the same figures
+    add_checkpoint(late, 2000, 9.0, cf(0.9, 0.4, 0.2, 1.0, 1.0, 1.0))
+    joined = join_checkpoints([late, early])
+    assert joined["run"] == early["run"] and [c["n_edits"] for c in joined["checkpoints"]] == [50, 100, 2000]
+    assert joined["checkpoints"][2]["metrics"]["counterfact"]["efficacy_top"] == 0.9
+
+    other = new_run_record("alphaedit", "smollm2-135m", "counterfact", 3000, name="de-3000")
+    with pytest.raises(RunFileError, match="different runs .*method"):
+        join_checkpoints([early, other])
+    add_checkpoint(late, 50, 1.0, cf(0.5, 0.5, 0.25, 1.0, 1.0, 1.0))
+    with pytest.raises(RunFileError, match="checkpoint 50 is in two parts"):
+        join_checkpoints([early, late])

@@ -144,6 +144,28 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+def join_checkpoints(documents: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One metrics.json from a run measured in parts: a run carried on in a new directory (``deltaedit run
+    --targets``, with ``--checkpoints`` naming only those still to measure) holds its later checkpoints only.
+    The parts must describe the same run; a checkpoint found in two parts must have the same metrics."""
+    if not documents:
+        raise RunFileError("join: no metrics.json to join")
+    first = documents[0]
+    joined: dict[int, dict[str, Any]] = {}
+    for document in documents:
+        if document["run"] != first["run"]:
+            differing = sorted(
+                k for k in {*document["run"], *first["run"]} if document["run"].get(k) != first["run"].get(k)
+            )
+            raise RunFileError(f"join: the parts describe different runs (they differ in {', '.join(differing)})")
+        for checkpoint in document["checkpoints"]:
+            n = checkpoint["n_edits"]
+            if n in joined and joined[n]["metrics"] != checkpoint["metrics"]:
+                raise RunFileError(f"join: checkpoint {n} is in two parts with different metrics; keep one of them")
+            joined.setdefault(n, checkpoint)
+    return {**first, "checkpoints": [joined[n] for n in sorted(joined)]}
+
+
 def read_metrics(run_dir: str | os.PathLike) -> dict[str, Any]:
     """Read and check a run's metrics.json (a path to the file itself is accepted too)."""
     path = Path(run_dir)
