@@ -48,6 +48,43 @@ def test_a_killed_pass_resumes_to_the_same_bits(tokenizer, corpus_file, tmp_path
     assert not list((tmp_path / "b").glob(".*.partial"))
 
 
+def test_cached_statistics_are_read_while_another_process_computes(tokenizer, corpus_file, tmp_path):
+    """The store's lock is the model's: a run whose layers are cached reads them at once instead of waiting
+    for another process's pass over other layers; a missing layer still waits for the lock."""
+    import subprocess
+    import sys
+    import threading
+
+    model = tiny_model("llama", n_layers=3)
+    store = tmp_path / "store"
+    first = compute(model, tokenizer, corpus_file, store, layers=(0,))
+    lock = store / f"{fingerprint(model)}.lock"
+    holder = subprocess.Popen(  # another process inside its computation: it holds the lock
+        [sys.executable, "-c", f"from filelock import FileLock; l = FileLock({str(lock)!r}); l.acquire(); "
+         "print('held', flush=True); import time; time.sleep(120)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        found: dict = {}
+        for name, layers in (("cached", (0,)), ("missing", (1,))):
+            worker = threading.Thread(
+                target=lambda name=name, layers=layers: found.update(
+                    {name: compute(model, tokenizer, corpus_file, store, layers=layers)}
+                ),
+                daemon=True,
+            )
+            worker.start()
+            worker.join(timeout=30 if name == "cached" else 3)
+        assert torch.equal(found["cached"][0], first[0])  # read without the lock
+        assert "missing" not in found  # layer 1 must be computed: that waits for the holder
+    finally:
+        holder.kill()
+        holder.wait()
+    worker.join(timeout=60)
+    assert set(found["missing"]) == {1}
+
+
 def test_export_and_import_onto_the_same_model_only(tokenizer, corpus_file, tmp_path):
     model = tiny_model("llama", n_layers=3)
     moments = compute(model, tokenizer, corpus_file, tmp_path / "a")

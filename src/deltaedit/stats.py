@@ -128,6 +128,10 @@ def second_moments(
     dtype = str(next(model.parameters()).dtype)
     identity = _identity(corpus, seed)
     paths = {i: store / f"{_key(fingerprint, i, identity, n_samples, max_length, dtype)}.safetensors" for i in layers}
+    cached = _complete(paths, layers)
+    if cached is not None:  # files are only ever renamed into place: reading them needs no lock
+        return {i: cached[i].to(parts.out_projs[i].weight.device) for i in layers}
+    # the lock is the model's: a reader of cached layers must not wait while another process computes others
     with FileLock(str(store / f"{fingerprint}.lock")):
         missing = [i for i in layers if not _readable(paths[i])]
         if missing:
@@ -171,6 +175,21 @@ def _add_identity(path: Path, entry: StatsEntry) -> None:
     if "identity" not in meta:
         tokens = int(meta.get("tokens", 0))
         _write(path, load_file(str(path))["second_moment"], {**entry.metadata(), "tokens": str(tokens)})
+
+
+def _complete(paths: dict[int, Path], layers: Sequence[int]) -> dict[int, torch.Tensor] | None:
+    """Every layer's C0 when each file is there, readable and records its identity; else None (the locked path
+    computes, repairs or completes them)."""
+    moments = {}
+    for i in layers:
+        try:
+            with safe_open(str(paths[i]), "pt") as f:
+                if "identity" not in (f.metadata() or {}):
+                    return None
+                moments[i] = f.get_tensor("second_moment")
+        except Exception:
+            return None
+    return moments
 
 
 def _readable(path: Path) -> bool:
