@@ -416,6 +416,13 @@ def test_recorded_targets_serve_only_the_same_requests_config_and_intact_file(fi
         changed.use_targets(targets)
     assert changed.recorded_targets is None
 
+    # a run without target vectors has nothing to write
+    from deltaedit.targets_file import write_targets_file
+
+    with pytest.raises(ValueError, match="no edit of this run recorded a target vector"):
+        write_targets_file(tmp_path / "none.safetensors", {}, [])
+    assert not (tmp_path / "none.safetensors").exists()
+
     # a damaged or foreign file is refused whole, before any edit
     damaged = tmp_path / "damaged.safetensors"
     payload = bytearray(targets.read_bytes())

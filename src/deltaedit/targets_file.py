@@ -41,7 +41,7 @@ class RecordedTarget:
 
 def write_targets_file(path: str | os.PathLike, manifest: Mapping[str, Any], entries: Iterable[LedgerEntry]) -> int:
     """Write the target vectors of the edit entries that recorded one (every edit made, undone ones included:
-    ids are never reused) into one safetensors file; returns how many."""
+    ids are never reused) into one safetensors file; returns how many. ValueError if none did."""
     tensors, edits = {}, []
     for entry in entries:
         if entry.kind != "edit":
@@ -52,6 +52,11 @@ def write_targets_file(path: str | os.PathLike, manifest: Mapping[str, Any], ent
         tensors[f"edit.{entry.edit_id}"] = target
         edits.append(
             {"edit_id": entry.edit_id, "requests": entry.data["requests"], "steps": entry.data["result"]["steps"]}
+        )
+    if not edits:
+        raise ValueError(
+            "targets: no edit of this run recorded a target vector (FT searches none; ledgers written before "
+            "targets were kept hold none)"
         )
     metadata = {
         "format": TARGETS_FORMAT,
