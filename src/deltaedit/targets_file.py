@@ -5,7 +5,7 @@ constraint, solves, writes) is recomputed from the model in a fraction of it. So
 recorded z* for the same edit of the same stream, method, config and base model (``Editor.use_targets``,
 ``deltaedit run --targets``) makes the recorded run's edits bit for bit on the same machine, several times
 faster. At 2.3 kB an edit on SmolLM2 against the ledger's 73 kB, the file is what carries a long run to
-another machine or session when the run directory cannot come along.
+another machine when the run directory cannot come along.
 """
 
 from __future__ import annotations
