@@ -50,11 +50,21 @@ def write_edits_file(
         records.append({"seq": seq, **record})
         for name, tensor in named.items():
             tensors[f"edit.{record['edit_id']}.{name}"] = tensor
-    metadata = {
-        "format": EDITS_FORMAT,
-        "format_version": str(FORMAT_VERSION),
+    fields = {
         "manifest": json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION, **manifest}, default=repr),
         "events": _dumps({"events": records}),
+    }
+    return write_checked(path, EDITS_FORMAT, tensors, fields)
+
+
+def write_checked(path: str | os.PathLike, file_format: str, tensors: dict[str, torch.Tensor], fields) -> Path:
+    """One safetensors file whose metadata holds ``file_format``, the format version, ``fields`` and a sha256
+    over every tensor (what :func:`read_checked` verifies), written atomically."""
+    path = Path(path).expanduser()
+    metadata = {
+        "format": file_format,
+        "format_version": str(FORMAT_VERSION),
+        **fields,
         "payload_sha256": _tensors_digest(tensors),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -65,21 +75,7 @@ def write_edits_file(
 def read_edits_file(path: str | os.PathLike) -> tuple[dict[str, Any], list[LedgerEntry]]:
     """The manifest and events of an edits file; every tensor is read and verified before this returns."""
     path = Path(path).expanduser()
-    try:
-        payload = path.read_bytes()
-    except OSError as err:
-        raise LedgerError(f"cannot read the edits file ({err.strerror})", path) from err
-    try:
-        header_size = int.from_bytes(payload[:8], "little")
-        metadata = json.loads(payload[8 : 8 + header_size]).get("__metadata__") or {}
-        tensors = load_bytes(payload)
-    except Exception as err:
-        raise LedgerError(f"not a readable edits file ({err})", path) from err
-    if metadata.get("format") != EDITS_FORMAT:
-        raise LedgerError(f"not a {EDITS_FORMAT} file (format {metadata.get('format')!r})", path)
-    check_format_version(int(metadata.get("format_version", 0)), path)
-    if _tensors_digest(tensors) != metadata.get("payload_sha256"):
-        raise LedgerError("checksum mismatch: the edits file is corrupt", path)
+    metadata, tensors = read_checked(path, "edits", EDITS_FORMAT)
     try:
         manifest = json.loads(metadata["manifest"])
         records = json.loads(metadata["events"])["events"]
@@ -94,6 +90,27 @@ def read_edits_file(path: str | os.PathLike) -> tuple[dict[str, Any], list[Ledge
             loader = (lambda own=own: dict(own)) if own else None
         entries.append(LedgerEntry(record["seq"], record["kind"], record, loader))
     return manifest, entries
+
+
+def read_checked(path: Path, kind: str, file_format: str, hint: str = "") -> tuple[dict[str, str], dict]:
+    """The metadata and tensors of a file from :func:`write_checked`, read whole: LedgerError naming the ``kind``
+    of file if it cannot be read, is of another format or version, or fails its checksum."""
+    try:
+        payload = path.read_bytes()
+    except OSError as err:
+        raise LedgerError(f"cannot read the {kind} file ({err.strerror})", path) from err
+    try:
+        header_size = int.from_bytes(payload[:8], "little")
+        metadata = json.loads(payload[8 : 8 + header_size]).get("__metadata__") or {}
+        tensors = load_bytes(payload)
+    except Exception as err:
+        raise LedgerError(f"not a readable {kind} file ({err})", path) from err
+    if metadata.get("format") != file_format:
+        raise LedgerError(f"not a {file_format} file (format {metadata.get('format')!r}){hint}", path)
+    check_format_version(int(metadata.get("format_version", 0)), path)
+    if _tensors_digest(tensors) != metadata.get("payload_sha256"):
+        raise LedgerError(f"checksum mismatch: the {kind} file is corrupt", path)
+    return metadata, tensors
 
 
 def _tensors_digest(tensors: Mapping[str, torch.Tensor]) -> str:
@@ -134,4 +151,4 @@ def apply_edits(model, path: str | os.PathLike) -> list[int]:
     return [entry.edit_id for entry in live]
 
 
-__all__ = ["EDITS_FORMAT", "apply_edits", "read_edits_file", "write_edits_file"]
+__all__ = ["EDITS_FORMAT", "apply_edits", "read_checked", "read_edits_file", "write_checked", "write_edits_file"]

@@ -19,11 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load as load_bytes
-from safetensors.torch import save as save_bytes
 
-from .edits_file import _tensors_digest
-from .ledger import FORMAT_VERSION, LedgerEntry, LedgerError, _dumps, check_format_version, write_atomic
+from .edits_file import read_checked, write_checked
+from .ledger import LedgerEntry, LedgerError, _dumps
 from .requests import EditRequest
 
 log = logging.getLogger(__name__)
@@ -58,16 +56,11 @@ def write_targets_file(path: str | os.PathLike, manifest: Mapping[str, Any], ent
             "targets: no edit of this run recorded a target vector (FT searches none; ledgers written before "
             "targets were kept hold none)"
         )
-    metadata = {
-        "format": TARGETS_FORMAT,
-        "format_version": str(FORMAT_VERSION),
+    fields = {
         "searched_with": json.dumps({name: manifest.get(name) for name in SEARCHED_WITH}),
         "edits": _dumps({"edits": edits}),
-        "payload_sha256": _tensors_digest(tensors),
     }
-    path = Path(path).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, save_bytes(tensors, metadata=metadata))
+    write_checked(path, TARGETS_FORMAT, tensors, fields)
     return len(edits)
 
 
@@ -88,25 +81,8 @@ class RecordedTargets:
     @classmethod
     def read(cls, path: str | os.PathLike) -> RecordedTargets:
         path = Path(path).expanduser()
-        try:
-            payload = path.read_bytes()
-        except OSError as err:
-            raise LedgerError(f"cannot read the targets file ({err.strerror})", path) from err
-        try:
-            header_size = int.from_bytes(payload[:8], "little")
-            metadata = json.loads(payload[8 : 8 + header_size]).get("__metadata__") or {}
-            tensors = load_bytes(payload)
-        except Exception as err:
-            raise LedgerError(f"not a readable targets file ({err})", path) from err
-        if metadata.get("format") != TARGETS_FORMAT:
-            raise LedgerError(
-                f"not a {TARGETS_FORMAT} file (format {metadata.get('format')!r}); write one with "
-                "`deltaedit export RUN --targets-only --out FILE`",
-                path,
-            )
-        check_format_version(int(metadata.get("format_version", 0)), path)
-        if _tensors_digest(tensors) != metadata.get("payload_sha256"):
-            raise LedgerError("checksum mismatch: the targets file is corrupt", path)
+        hint = "; write one with `deltaedit export RUN --targets-only --out FILE`"
+        metadata, tensors = read_checked(path, "targets", TARGETS_FORMAT, hint)
         try:
             searched_with = json.loads(metadata["searched_with"])
             edits = json.loads(metadata["edits"])["edits"]
