@@ -371,6 +371,11 @@ def test_a_run_that_reuses_recorded_targets_is_the_recorded_run_without_the_sear
     assert main(["export", str(finished.dir), "--targets-only", "--out", str(targets)]) == 0
     assert "target vectors of 6 edits saved" in capsys.readouterr().out
     assert main(["export", str(finished.dir), "--targets-only", "--out", str(targets)]) == 2  # no --force
+    other = tmp_path / "other.safetensors"
+    other.write_bytes(b"not a targets file")
+    assert main(["export", str(finished.dir), "--targets-only", "--out", str(other), "--force"]) == 2
+    assert "not a deltaedit targets file; --force only replaces one" in capsys.readouterr().err
+    assert other.read_bytes() == b"not a targets file"
 
     import deltaedit.methods.locate as locate
 

@@ -522,7 +522,6 @@ def cmd_undo(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .ledger import LedgerError
 
     if args.push_to_hub:
         from .card import check_hub
@@ -533,15 +532,9 @@ def cmd_export(args) -> int:
         return _export_targets(args, out)
     editor = _resume_run(args)
     if args.edits_only:
-        if out.exists() and not args.force:
-            raise FileExistsError(f"{out} exists; pass --force to overwrite it")
-        if out.exists():
-            from .edits_file import read_edits_file
+        from .edits_file import read_edits_file
 
-            try:
-                read_edits_file(out)
-            except LedgerError:
-                raise FileExistsError(f"{out}: not a deltaedit edits file; --force only replaces one") from None
+        _check_replaceable(out, args.force, read_edits_file, "edits")
         path = editor.save_edits(out)
         print(f"{len(editor.applied)} edits saved to {path} ({path.stat().st_size / 1e6:.2f} MB)")
     else:
@@ -557,20 +550,27 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _check_replaceable(out: Path, force: bool, read, kind: str) -> None:
+    """An existing ``out`` is overwritten only with --force, and only if it is a file of this ``kind``."""
+    from .ledger import LedgerError
+
+    if out.exists() and not force:
+        raise FileExistsError(f"{out} exists; pass --force to overwrite it")
+    if out.exists():
+        try:
+            read(out)
+        except LedgerError:
+            raise FileExistsError(f"{out}: not a deltaedit {kind} file; --force only replaces one") from None
+
+
 def _export_targets(args, out: Path) -> int:
     """The run's target vectors, read from its ledger: no model is loaded."""
-    from .ledger import Ledger, LedgerError
+    from .ledger import Ledger
     from .targets_file import RecordedTargets, write_targets_file
 
     if args.push_to_hub:
         raise ValueError("--push-to-hub: a targets file is not a model; drop --targets-only to push the model")
-    if out.exists() and not args.force:
-        raise FileExistsError(f"{out} exists; pass --force to overwrite it")
-    if out.exists():
-        try:
-            RecordedTargets.read(out)
-        except LedgerError:
-            raise FileExistsError(f"{out}: not a deltaedit targets file; --force only replaces one") from None
+    _check_replaceable(out, args.force, RecordedTargets.read, "targets")
     ledger = Ledger(args.run_dir, create=False)
     count = write_targets_file(out, ledger.require_manifest(), ledger.entries())
     print(f"target vectors of {count} edits saved to {out} ({out.stat().st_size / 1e6:.2f} MB)")
