@@ -4,6 +4,9 @@ blanks for what a run lacks, and the three plots as valid PNG files."""
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 from matplotlib import image
@@ -245,3 +248,19 @@ def test_a_run_measured_in_parts_joins_into_one_metrics_file():
     add_checkpoint(late, 50, 1.0, cf(0.5, 0.5, 0.25, 1.0, 1.0, 1.0))
     with pytest.raises(RunFileError, match="checkpoint 50 is in two parts"):
         join_checkpoints([early, late])
+
+
+def test_committed_results_may_hold_targets_files():
+    """A run that outlives its machine goes on from docs/results/NAME/targets.safetensors, so the repository's
+    ignore rules (which keep other safetensors files out) must let that file in."""
+    root = Path(__file__).resolve().parents[1]
+    if shutil.which("git") is None or not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+
+    def ignored(path: str) -> bool:
+        result = subprocess.run(["git", "check-ignore", "-q", path], cwd=root, check=False)
+        assert result.returncode in (0, 1), "git check-ignore failed"
+        return result.returncode == 0
+
+    assert not ignored("docs/results/some-run/targets.safetensors")
+    assert ignored("docs/results/some-run/model.safetensors")
