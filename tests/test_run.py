@@ -223,6 +223,7 @@ def test_run_writes_ledger_baseline_and_checkpointed_metrics(finished, assets):
         assert checkpoint["seconds"] > 0
         machine = checkpoint["machine"]  # where it ran: float32 bits depend on the processor kind and threads
         assert machine["torch"] == torch.__version__ and machine["cpu"] and machine["threads"] >= 1
+        assert machine["kernels"] == torch.backends.cpu.get_cpu_capability()
     # the edits really landed: efficacy by "larger" is high on this setup
     assert document["checkpoints"][-1]["metrics"]["counterfact"]["efficacy_larger"] >= 0.5
 

@@ -169,13 +169,25 @@ def machine() -> dict[str, Any]:
 
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
+    found: dict[str, str] = {}
+    try:  # a virtual machine may hide the model name ("AMD EPYC"); family and model still tell generations apart
         with open("/proc/cpuinfo", encoding="utf-8") as info:
-            cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), cpu)
+            for line in info:
+                key, _, value = line.partition(":")
+                found.setdefault(key.strip(), value.strip())
+                if not line.strip():
+                    break  # the first processor is enough
     except OSError:
         pass
-    return {"cpu": cpu, "torch": torch.__version__, "threads": torch.get_num_threads()}
+    cpu = found.get("model name") or platform.processor() or platform.machine()
+    if "cpu family" in found and "model" in found:
+        cpu += f" (family {found['cpu family']}, model {found['model']})"
+    return {
+        "cpu": cpu,
+        "kernels": torch.backends.cpu.get_cpu_capability(),  # the instruction set torch's kernels use
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
 
 
 def _kind(layout: str) -> str:
