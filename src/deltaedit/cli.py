@@ -522,7 +522,6 @@ def cmd_undo(args) -> int:
 
 
 def cmd_export(args) -> int:
-
     if args.push_to_hub:
         from .card import check_hub
 

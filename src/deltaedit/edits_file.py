@@ -57,7 +57,9 @@ def write_edits_file(
     return write_checked(path, EDITS_FORMAT, tensors, fields)
 
 
-def write_checked(path: str | os.PathLike, file_format: str, tensors: dict[str, torch.Tensor], fields) -> Path:
+def write_checked(
+    path: str | os.PathLike, file_format: str, tensors: dict[str, torch.Tensor], fields: Mapping[str, str]
+) -> Path:
     """One safetensors file whose metadata holds ``file_format``, the format version, ``fields`` and a sha256
     over every tensor (what :func:`read_checked` verifies), written atomically."""
     path = Path(path).expanduser()
@@ -92,7 +94,9 @@ def read_edits_file(path: str | os.PathLike) -> tuple[dict[str, Any], list[Ledge
     return manifest, entries
 
 
-def read_checked(path: Path, kind: str, file_format: str, hint: str = "") -> tuple[dict[str, str], dict]:
+def read_checked(
+    path: Path, kind: str, file_format: str, hint: str = ""
+) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
     """The metadata and tensors of a file from :func:`write_checked`, read whole: LedgerError naming the ``kind``
     of file if it cannot be read, is of another format or version, or fails its checksum."""
     try:
