@@ -8,7 +8,6 @@ and a sha256 over every tensor; a file is verified whole before anything is appl
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Iterable, Mapping
@@ -16,8 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load as load_bytes
-from safetensors.torch import save as save_bytes
 
 from .ledger import (
     FORMAT,
@@ -27,8 +24,8 @@ from .ledger import (
     _dumps,
     active_edits,
     check_base_model,
-    check_format_version,
-    write_atomic,
+    read_checked,
+    write_checked,
 )
 from .models import find_parts, fingerprint, layer_digests, out_weight
 
@@ -57,23 +54,6 @@ def write_edits_file(
     return write_checked(path, EDITS_FORMAT, tensors, fields)
 
 
-def write_checked(
-    path: str | os.PathLike, file_format: str, tensors: dict[str, torch.Tensor], fields: Mapping[str, str]
-) -> Path:
-    """One safetensors file whose metadata holds ``file_format``, the format version, ``fields`` and a sha256
-    over every tensor (what :func:`read_checked` verifies), written atomically."""
-    path = Path(path).expanduser()
-    metadata = {
-        "format": file_format,
-        "format_version": str(FORMAT_VERSION),
-        **fields,
-        "payload_sha256": _tensors_digest(tensors),
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, save_bytes(tensors, metadata=metadata))
-    return path
-
-
 def read_edits_file(path: str | os.PathLike) -> tuple[dict[str, Any], list[LedgerEntry]]:
     """The manifest and events of an edits file; every tensor is read and verified before this returns."""
     path = Path(path).expanduser()
@@ -92,38 +72,6 @@ def read_edits_file(path: str | os.PathLike) -> tuple[dict[str, Any], list[Ledge
             loader = (lambda own=own: dict(own)) if own else None
         entries.append(LedgerEntry(record["seq"], record["kind"], record, loader))
     return manifest, entries
-
-
-def read_checked(
-    path: Path, kind: str, file_format: str, hint: str = ""
-) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
-    """The metadata and tensors of a file from :func:`write_checked`, read whole: LedgerError naming the ``kind``
-    of file if it cannot be read, is of another format or version, or fails its checksum."""
-    try:
-        payload = path.read_bytes()
-    except OSError as err:
-        raise LedgerError(f"cannot read the {kind} file ({err.strerror})", path) from err
-    try:
-        header_size = int.from_bytes(payload[:8], "little")
-        metadata = json.loads(payload[8 : 8 + header_size]).get("__metadata__") or {}
-        tensors = load_bytes(payload)
-    except Exception as err:
-        raise LedgerError(f"not a readable {kind} file ({err})", path) from err
-    if metadata.get("format") != file_format:
-        raise LedgerError(f"not a {file_format} file (format {metadata.get('format')!r}){hint}", path)
-    check_format_version(int(metadata.get("format_version", 0)), path)
-    if _tensors_digest(tensors) != metadata.get("payload_sha256"):
-        raise LedgerError(f"checksum mismatch: the {kind} file is corrupt", path)
-    return metadata, tensors
-
-
-def _tensors_digest(tensors: Mapping[str, torch.Tensor]) -> str:
-    digest = hashlib.sha256()
-    for name in sorted(tensors):
-        tensor = tensors[name].detach().cpu().contiguous()
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def apply_edits(model, path: str | os.PathLike) -> list[int]:
@@ -155,4 +103,4 @@ def apply_edits(model, path: str | os.PathLike) -> list[int]:
     return [entry.edit_id for entry in live]
 
 
-__all__ = ["EDITS_FORMAT", "apply_edits", "read_checked", "read_edits_file", "write_checked", "write_edits_file"]
+__all__ = ["EDITS_FORMAT", "apply_edits", "read_edits_file", "write_edits_file"]

@@ -12,7 +12,8 @@ moment leaves a ledger whose every indexed entry is complete. A torn last line (
 append that never returned: readers ignore it and the next writer cuts it off. Tensor files are checked
 against the sha256 in their line when read. ``docs/ledger.md`` specifies the format.
 
-The edits file (``deltaedit.edits_file``) holds the same events and tensors in one safetensors file; an
+The edits file (``deltaedit.edits_file``) holds the same events and tensors in one safetensors file, written
+and verified by :func:`write_checked` / :func:`read_checked` here (the targets file uses them too); an
 edit's record is written and read in ``deltaedit.applied``. The :class:`~deltaedit.editor.Editor` does the
 editing side: ``Editor(..., ledger=dir)``, ``Editor.resume(dir, model, tokenizer)``.
 """
@@ -195,6 +196,55 @@ def write_atomic(path: Path, payload: bytes) -> None:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def write_checked(
+    path: str | os.PathLike, file_format: str, tensors: dict[str, torch.Tensor], fields: Mapping[str, str]
+) -> Path:
+    """One safetensors file whose metadata holds ``file_format``, the format version, ``fields`` and a sha256
+    over every tensor (what :func:`read_checked` verifies), written atomically."""
+    path = Path(path).expanduser()
+    metadata = {
+        "format": file_format,
+        "format_version": str(FORMAT_VERSION),
+        **fields,
+        "payload_sha256": _tensors_digest(tensors),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, save_bytes(tensors, metadata=metadata))
+    return path
+
+
+def read_checked(
+    path: Path, kind: str, file_format: str, hint: str = ""
+) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """The metadata and tensors of a file from :func:`write_checked`, read whole: LedgerError naming the ``kind``
+    of file if it cannot be read, is of another format or version, or fails its checksum."""
+    try:
+        payload = path.read_bytes()
+    except OSError as err:
+        raise LedgerError(f"cannot read the {kind} file ({err.strerror})", path) from err
+    try:
+        header_size = int.from_bytes(payload[:8], "little")
+        metadata = json.loads(payload[8 : 8 + header_size]).get("__metadata__") or {}
+        tensors = load_bytes(payload)
+    except Exception as err:
+        raise LedgerError(f"not a readable {kind} file ({err})", path) from err
+    if metadata.get("format") != file_format:
+        raise LedgerError(f"not a {file_format} file (format {metadata.get('format')!r}){hint}", path)
+    check_format_version(int(metadata.get("format_version", 0)), path)
+    if _tensors_digest(tensors) != metadata.get("payload_sha256"):
+        raise LedgerError(f"checksum mismatch: the {kind} file is corrupt", path)
+    return metadata, tensors
+
+
+def _tensors_digest(tensors: Mapping[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _sha256(payload: bytes) -> str:

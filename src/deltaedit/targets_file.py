@@ -20,8 +20,7 @@ from typing import Any
 
 import torch
 
-from .edits_file import read_checked, write_checked
-from .ledger import LedgerEntry, LedgerError, _dumps
+from .ledger import LedgerEntry, LedgerError, _dumps, read_checked, write_checked
 from .requests import EditRequest
 
 log = logging.getLogger(__name__)
