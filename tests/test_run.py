@@ -301,6 +301,24 @@ def test_the_record_by_record_comparisons_that_results_quote(finished, tmp_path,
     assert float(median_seconds) > 0 and edit_costs(tmp_path / "no-such-run", 4) == ("", "")
 
 
+def test_the_key_space_figures_that_results_quote(monkeypatch):
+    """benchmarks/key_space: a key's fresh share is what the earlier projected keys leave of its projection, and
+    the rank the keys span stops at the projector's free directions."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from key_space import fresh_shares
+
+    generator = torch.Generator().manual_seed(0)
+    free = torch.linalg.qr(torch.randn(8, 3, generator=generator, dtype=torch.float64)).Q
+    projector = free @ free.T  # 3 free directions of 8
+    keys = torch.randn(8, 6, generator=generator)
+    keys[:, 1] = 2 * keys[:, 0]  # a repeat finds nothing fresh
+    keys[:, 2] = keys[:, 0] + torch.randn(8, generator=generator) * 1e-3  # nearly a repeat
+    shares, ranks = fresh_shares(keys, projector)
+    assert shares[0] == pytest.approx(1.0) and shares[1] == pytest.approx(0.0, abs=1e-12)
+    assert 0 < shares[2] < 1e-4 and shares[3] > 1e-3
+    assert ranks == [1, 1, 2, 3, 3, 3] and max(shares[4:]) < 1e-12  # the free space is full from the 4th key on
+
+
 def test_an_existing_run_is_refused_then_replaced_with_force(finished, assets, tmp_path):
     out = copy_run(finished.dir, tmp_path)
     before = (out / "index.jsonl").read_bytes()
