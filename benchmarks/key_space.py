@@ -25,8 +25,9 @@ from deltaedit.methods import method_class
 from deltaedit.run import open_base_model, resume_data_dir
 
 
-def projectors(run_dir: Path, data: str | None) -> dict[int, torch.Tensor]:
-    """The run's null-space projectors P0, built as its method built them (same config and statistics)."""
+def prepared_method(run_dir: Path, data: str | None):
+    """The run's method with its null-space projectors P0 built as the run built them (same config and
+    statistics); ``method.projectors`` and ``method.preserved_dims`` are read from it."""
     manifest = Ledger(run_dir, create=False).require_manifest()
     method_cls = method_class(manifest["method"])
     config = method_cls.config_class.from_recorded(manifest["config"])
@@ -40,7 +41,7 @@ def projectors(run_dir: Path, data: str | None) -> dict[int, torch.Tensor]:
         data_dir=resume_data_dir(run_dir, data),
     )
     editor.prepare()
-    return {layer: p.double() for layer, p in editor.method.projectors.items()}
+    return editor.method
 
 
 def fresh_shares(keys: torch.Tensor, projector: torch.Tensor, tol: float = 1e-8) -> tuple[list[float], list[int]]:
@@ -69,7 +70,8 @@ def main() -> None:
     args = parser.parse_args()
 
     with torch.no_grad():
-        p0 = projectors(args.run_dir, args.data)
+        method = prepared_method(args.run_dir, args.data)
+    p0 = {layer: projector.double() for layer, projector in method.projectors.items()}
     layers = [int(x) for x in args.layers.split(",")] if args.layers else sorted(p0)
     edits = Ledger(args.run_dir, create=False).active_edits()
     keys = {layer: [] for layer in layers}
@@ -79,7 +81,7 @@ def main() -> None:
             keys[layer].append(tensors[f"layer.{layer}.keys"].float().clone())
     print(
         f"{args.run_dir.name}: {len(edits)} edits; free directions "
-        + ", ".join(f"layer {layer} {round(torch.trace(p0[layer]).item())}" for layer in layers)
+        + ", ".join(f"layer {layer} {method.preserved_dims(layer)}" for layer in layers)
     )
     columns = {layer: fresh_shares(torch.cat(keys[layer], dim=1), p0[layer]) for layer in layers}
     header = " | ".join(f"layer {layer} fresh share (rank)" for layer in layers)
