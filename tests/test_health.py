@@ -13,6 +13,7 @@ from conftest import tiny_model
 from test_run import make_assets, make_spec
 from transformers import AutoModelForCausalLM
 
+from deltaedit.cli import checkpoint_summary
 from deltaedit.data import DATA_ENV
 from deltaedit.health import (
     TASKS,
@@ -209,6 +210,8 @@ def test_a_run_with_health_writes_the_four_groups_and_the_report_draws_them(toke
     last = document["checkpoints"][-1]["metrics"]
     assert last["representations"]["1"]["cosine_distance"] > 0  # the edited layers moved the states
     assert (out / "health_baseline.json").is_file() and (out / "representations.safetensors").is_file()
+    summary = "\n".join(checkpoint_summary(document["checkpoints"][-1]))  # what `deltaedit run` prints at the end
+    assert "general after 4 edits: f1/" in summary and "representations after 4 edits: 1/cosine_distance" in summary
     report = write_report([out], tmp_path / "report")
     text = report.read_text()
     assert "## Model health" in text and "### Case study" in text

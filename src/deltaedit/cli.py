@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from .methods import METHODS
-from .tracking import TRACKERS
+from .tracking import TRACKERS, flatten
 
 log = logging.getLogger("deltaedit")
 
@@ -449,13 +449,22 @@ def cmd_run(args) -> int:
         n_edits=extend,
         targets=args.targets,
     )
-    last = document["checkpoints"][-1] if document["checkpoints"] else None
-    if last:
-        for kind, values in last["metrics"].items():
-            shown = ", ".join(f"{name} {value:.3f}" for name, value in values.items() if value is not None)
-            print(f"{kind} after {last['n_edits']} edits: {shown}")
+    if document["checkpoints"]:
+        print("\n".join(checkpoint_summary(document["checkpoints"][-1])))
     print(f"run written to {args.out}")
     return 0
+
+
+def checkpoint_summary(checkpoint: dict[str, Any]) -> list[str]:
+    """One line per metric group; nested groups (model health's per-task and per-layer figures) as "a/b", the
+    case study's texts left out."""
+    lines = []
+    for kind, values in checkpoint["metrics"].items():
+        if not isinstance(values, dict):
+            continue
+        shown = ", ".join(f"{name} {value:.4g}" for name, value in flatten(values).items())
+        lines.append(f"{kind} after {checkpoint['n_edits']} edits: {shown}")
+    return lines
 
 
 # the options a --resume takes; every other option of `deltaedit run` is fixed by run.json
