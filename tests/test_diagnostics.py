@@ -15,7 +15,7 @@ from torch import nn
 
 from deltaedit import Editor, EditRequest
 from deltaedit.data.records import EditRecord
-from deltaedit.diagnostics import condition_number, diagnose, erosion
+from deltaedit.diagnostics import condition_number, diagnose, erosion, full_key_spaces
 from deltaedit.evaluate import baseline, evaluate
 from deltaedit.methods import Decision
 from deltaedit.models import out_weight
@@ -47,6 +47,7 @@ def stand_in_editor(edits: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, 
         parts=SimpleNamespace(out_projs=[proj]),
         original_weights={0: w0.clone()},
         weight_delta=lambda layer: proj.weight.detach() - w0,
+        method=SimpleNamespace(key_space=lambda layer: None),
     )
 
 
@@ -189,3 +190,36 @@ def test_erosion_splits_what_later_edits_did(tokenizer, corpus_file):
     expected = -float((later_total * own_total).sum() / (own_total**2).sum())
     assert e["later_cancels"][0] == pytest.approx(expected, rel=1e-3, abs=1e-6)
     json.dumps(e, allow_nan=False)
+
+
+def test_key_space_counts_the_free_directions_the_edits_in_force_span(tokenizer, corpus_file):
+    """A null-space method reports P0's rank and the rank of its edits' projected keys, which an undo lowers;
+    once the keys span every free direction, a checkpoint warns. d_ff = 4 with P0 = I: five edits fill it."""
+    config = fast_config(corpus_file)
+    model = tiny_model("llama", n_layers=2, initializer_range=0.2, d_ff=4)
+    editor = Editor(model, tokenizer, method="alphaedit", config=config, progress=False)
+    more = [EditRequest("The favourite food of {}", "Marie Curie", "rice"), EditRequest("{} plays", "Ada", "chess")]
+    editor.edit(REQUESTS[:3])
+
+    def independent(layer: int) -> int:  # the rank of P0 K, K the keys in force, in float64
+        keys = torch.cat([applied.updates[layer].keys for applied in editor.applied], 1).double()
+        return int(torch.linalg.matrix_rank(editor.method.projectors[layer].double() @ keys))
+
+    d = diagnose(editor)
+    for layer in (0, 1):
+        values = d["layers"][str(layer)]
+        assert values["free_key_dims"] == editor.method.preserved_dims(layer) == 4
+        assert values["spanned_key_dims"] == independent(layer) == 3
+    assert d["spanned_key_dims"] == 3 and full_key_spaces(d) is None
+    editor.undo(editor.applied[-1].edit_id)
+    assert diagnose(editor)["layers"]["0"]["spanned_key_dims"] == independent(0) == 2
+    editor.edit([REQUESTS[2], *more])  # five keys in four free directions
+    d = diagnose(editor)
+    assert [d["layers"][str(layer)]["spanned_key_dims"] for layer in (0, 1)] == [4, 4]
+    warning = full_key_spaces(d)
+    assert warning.startswith("after 5 edits") and "layer 0 (4), layer 1 (4)" in warning
+    # methods that do not write in a subspace of the keys report nothing
+    config.pop("nullspace_threshold")
+    memit = Editor(tiny_model("llama", n_layers=2, d_ff=4), tokenizer, method="memit", config=config, progress=False)
+    memit.edit(REQUESTS[0])
+    assert "spanned_key_dims" not in diagnose(memit)["layers"]["0"] and full_key_spaces(diagnose(memit)) is None

@@ -59,7 +59,9 @@ def _row_major(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     return torch.empty(tensor.shape, dtype=torch.float32, device=device).copy_(tensor)
 
 
-def layer_diagnostics(editor, layer: int, condition: bool = True) -> dict[str, float | int | None]:
+def layer_diagnostics(
+    editor, layer: int, condition: bool = True, key_space: bool = True
+) -> dict[str, float | int | None]:
     """The §3 statistics of one edited layer (see the module docstring)."""
     delta = editor.weight_delta(layer)
     device = delta.device
@@ -100,6 +102,8 @@ def layer_diagnostics(editor, layer: int, condition: bool = True) -> dict[str, f
     if condition:
         out["cond"] = condition_number(out_weight(editor.parts.out_projs[layer]))
         out["cond_original"] = condition_number(editor.original_weights[layer])
+    if key_space:
+        out.update(editor.method.key_space(layer) or {})
     return out
 
 
@@ -124,18 +128,21 @@ def _wrong_activation(keys: torch.Tensor, betas: torch.Tensor, key_owner: list[i
 
 
 @torch.no_grad()
-def diagnose(editor, layers: Sequence[int] | None = None, condition: bool = True) -> dict[str, Any]:
+def diagnose(
+    editor, layers: Sequence[int] | None = None, condition: bool = True, key_space: bool = True
+) -> dict[str, Any]:
     """JSON-ready diagnostics of the edits the editor holds now: per layer (keys are layer indices as
     strings) and, at the top level, the critical layer's values and DeltaEdit's trigger statistics.
 
-    ``condition=False`` skips the two SVDs per layer, the only costly part on large models.
+    ``condition=False`` skips the two SVDs per layer and ``key_space=False`` the eigenvalues of a null-space
+    method's d_ff x d_ff key moment: the costly parts on large models.
     """
     config = editor.config
     layers = list(config.layers if layers is None else layers)
     critical = config.critical_layer
     if critical not in layers:
         layers.append(critical)
-    per_layer = {str(layer): layer_diagnostics(editor, layer, condition) for layer in layers}
+    per_layer = {str(layer): layer_diagnostics(editor, layer, condition, key_space) for layer in layers}
     decisions = [applied.decision for applied in editor.applied]
     triggered = [d for d in decisions if d.triggered]
     out: dict[str, Any] = {
@@ -146,10 +153,30 @@ def diagnose(editor, layers: Sequence[int] | None = None, condition: bool = True
         "triggered_share": len(triggered) / len(decisions) if decisions else None,
         "removed_rank_mean": (sum(d.metrics.get("rank", 0) for d in triggered) / len(triggered) if triggered else None),
     }
+    at_critical = per_layer[str(critical)]
     for name in ("noise_E", "self_E", "ktb", "ktb_abs", "delta_norm", "cond"):
-        out[name] = per_layer[str(critical)].get(name)
+        out[name] = at_critical.get(name)
+    out.update({name: value for name, value in at_critical.items() if name.endswith("_key_dims")})
     out["layers"] = per_layer
     return out
+
+
+def full_key_spaces(diagnostics: dict[str, Any]) -> str | None:
+    """A warning when the edits in force span every free key direction of an edited layer (from
+    :func:`diagnose`); None while there is room."""
+    full = [
+        f"layer {layer} ({values['free_key_dims']})"
+        for layer, values in diagnostics["layers"].items()
+        if "spanned_key_dims" in values and values["spanned_key_dims"] >= values["free_key_dims"]
+    ]
+    if not full:
+        return None
+    return (
+        f"after {diagnostics['n_edits']} edits the edits in force span every free key direction of "
+        + ", ".join(full)
+        + ": each new edit's key is a combination of earlier ones, so writing it moves their outputs and edits "
+        "erode faster from here on (docs/results.md, 'The defaults to 3000 edits')"
+    )
 
 
 @torch.no_grad()

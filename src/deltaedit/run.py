@@ -27,7 +27,7 @@ from typing import Any
 
 from .data import DATA_ENV, DataError, EditRecord, load_records
 from .data import data_folder as given_data_folder
-from .diagnostics import diagnose
+from .diagnostics import diagnose, full_key_spaces
 from .editor import Editor
 from .evaluate import Baseline, baseline, evaluate_records, summarize
 from .health import HealthSettings, save_states
@@ -561,6 +561,8 @@ def _run_locked(run_dir, spec, ledger, loaded, records, kind, handled, resume, p
         memory["peak_resident_mb"] = peak_resident_mb()  # this process's worst so far, evaluation included
         extra.update({name: mb for name, mb in memory.items() if mb is not None})
         diagnostics = {**diagnose(editor), **extra}
+        if warning := full_key_spaces(diagnostics):
+            log.warning(warning)
         add_checkpoint(document, n, spent, groups, diagnostics)["machine"] = machine()
         tracker.log_checkpoint(n, {**groups, "diagnostics": {k: v for k, v in diagnostics.items() if k != "layers"}})
         write_atomic(contained(run_dir, PER_RECORD_FILE), json.dumps({"n_edits": n, "records": rows}).encode())

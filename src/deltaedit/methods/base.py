@@ -240,6 +240,11 @@ class EditMethod:
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Restore running state saved by :meth:`state_dict`."""
 
+    def key_space(self, layer: int) -> dict[str, int] | None:
+        """How much room for new edits the layer's key space has left: None for a method that does not confine
+        its writes to a subspace of the keys."""
+        return None
+
     def summary(self, decisions: Sequence[Decision]) -> str:
         """One line about this method's decisions over a run, for people (empty: nothing to say)."""
         return ""
