@@ -194,7 +194,8 @@ def test_erosion_splits_what_later_edits_did(tokenizer, corpus_file):
 
 def test_key_space_counts_the_free_directions_the_edits_in_force_span(tokenizer, corpus_file):
     """A null-space method reports P0's rank and the rank of its edits' projected keys, which an undo lowers;
-    once the keys span every free direction, a checkpoint warns. d_ff = 4 with P0 = I: five edits fill it."""
+    once the keys span every free direction, the checkpoint's warning names the layers. d_ff = 4 with P0 = I:
+    five edits fill it."""
     config = fast_config(corpus_file)
     model = tiny_model("llama", n_layers=2, initializer_range=0.2, d_ff=4)
     editor = Editor(model, tokenizer, method="alphaedit", config=config, progress=False)

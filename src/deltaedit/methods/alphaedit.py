@@ -18,8 +18,8 @@ from .locate import LocateConfig
 from .memit import MEMIT
 
 # An eigenvalue of P0 Kp Kp^T P0 above this share of the largest counts as a spanned direction: ten times the
-# float32 rounding of the summed moments (on SmolLM2's 3000-edit run it counts as exact Gram-Schmidt in float64
-# does from edit 1100 on, and within 4 of it at the edge, 1048 of 1052 at edit 1052).
+# float32 rounding of the summed moments. On SmolLM2's 3000-edit run (layer 7) it gives Gram-Schmidt's float64
+# rank at 250, 500, 1000, 1200, 2000 and 3000 edits, and 1048 of 1052 at the edge, edit 1052.
 SPANNED_TOLERANCE = 1e-6
 
 
