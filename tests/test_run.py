@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -821,3 +822,17 @@ def test_on_error_stop_on_a_record_the_model_cannot_take(assets, tmp_path, capsy
     assert [c["n_edits"] for c in metrics(out)["checkpoints"]] == [2]
     editor = resumed(out, assets)
     assert [a.edit_id for a in editor.applied] == [0, 1]
+
+
+def test_a_checkpoint_warns_once_the_edits_span_a_layers_free_key_directions(assets, tmp_path, caplog):
+    # a null-space threshold that leaves the tiny model 7 and 4 free key directions at layers 0 and 1: four edits fill
+    # layer 1
+    spec = make_spec(assets, n_edits=4, checkpoints=(1, 4), nullspace_threshold=0.04)
+    with caplog.at_level(logging.WARNING, logger="deltaedit"):
+        document = run(tmp_path / "run", spec, progress=False)
+    first, last = (checkpoint["diagnostics"]["layers"] for checkpoint in document["checkpoints"])
+    assert all(values["spanned_key_dims"] == 1 < values["free_key_dims"] for values in first.values())
+    full = [layer for layer, values in last.items() if values["spanned_key_dims"] == values["free_key_dims"]]
+    warnings = [r.getMessage() for r in caplog.records if "free key direction" in r.getMessage()]
+    assert full and len(warnings) == 1 and warnings[0].startswith("after 4 edits")
+    assert all(f"layer {layer} (" in warnings[0] for layer in full)
